@@ -1,0 +1,57 @@
+"""Packaging for twistauth.
+
+Installed with ``pip install .`` (not ``-e``: a modern editable install hides
+the twistd plugin from ``twistd``).  ``twisted.plugins`` is listed as a package
+so the plugin module is installed beside Twisted's own.
+"""
+
+import re
+
+from setuptools import setup
+
+setup(
+    name="twistauth",
+    version=re.search(r"\"(.+)\"", open("twistauth/_version.py").read()).group(1),
+    description="Twisted authentication and session server: OIDC login, JSON methods, "
+    "session caches and instant logout.",
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=[
+        "twistauth",
+        "twistauth.methods",
+        "twistauth.web",
+        "twistauth.demo_methods",
+        "twistauth.demo_methods.time",
+        "twisted.plugins",
+    ],
+    package_data={"twistauth": ["py.typed"]},
+    install_requires=[
+        "twisted>=23.10",
+        "klein>=23.5",
+        "treq>=23.11",
+        "txredisapi>=1.4.10",
+        "attrs>=22.2",
+        "zope.interface>=5",
+        "msgpack>=1.0",
+        "tomli>=1.1; python_version < '3.11'",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7",
+            "pytest-twisted>=1.14",
+            "hypothesis>=6",
+            "mypy>=1.8",
+            "mypy-zope>=1.0",
+            "ruff>=0.4",
+            "sphinx>=7",
+        ],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: Implementation :: CPython",
+        "Programming Language :: Python :: Implementation :: PyPy",
+    ],
+)

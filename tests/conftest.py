@@ -1,0 +1,128 @@
+"""
+Shared fixtures: a private redis-server per test session, and helpers to
+find free ports.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from typing import Iterator, Optional
+
+import pytest
+
+
+def free_port() -> int:
+    """
+    A TCP port on 127.0.0.1 that nothing listens on right now.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    """
+    Block until something accepts connections on 127.0.0.1:C{port}.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+class RedisServer:
+    """
+    A private redis-server on a free loopback port, which a test may stop
+    and start again (on the same port) to inject an outage.
+    """
+
+    def __init__(self, password: Optional[str] = None) -> None:
+        executable = shutil.which("redis-server")
+        if executable is None:
+            raise RuntimeError("redis-server is not installed: run tests/setup.sh")
+        self.executable = executable
+        self.port = free_port()
+        self.password = password
+        self.directory = tempfile.mkdtemp(prefix="twistauth-redis-")
+        self.process: Optional[subprocess.Popen[bytes]] = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        command = [
+            self.executable,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self.directory,
+        ]
+        if self.password:
+            command += ["--requirepass", self.password]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+    def flush(self) -> None:
+        command = ["redis-cli", "-p", str(self.port)]
+        if self.password:
+            command += ["-a", self.password, "--no-auth-warning"]
+        subprocess.run(command + ["FLUSHALL"], check=True, stdout=subprocess.DEVNULL)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server_session() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def redis_server(redis_server_session: RedisServer) -> Iterator[RedisServer]:
+    """
+    The session's private redis-server, emptied before each test and
+    running again after it (a test may stop it to simulate an outage).
+    """
+    if redis_server_session.process is None:
+        redis_server_session.start()
+    redis_server_session.flush()
+    yield redis_server_session
+    if redis_server_session.process is None:
+        redis_server_session.start()
+
+
+@pytest.fixture
+def twistd_path() -> str:
+    """
+    The twistd of the Python running the tests (the installed plugin).
+    """
+    candidate = os.path.join(os.path.dirname(os.path.realpath(os.sys.executable)), "twistd")
+    path = candidate if os.path.exists(candidate) else shutil.which("twistd")
+    if path is None:
+        raise RuntimeError("twistd is not installed: run tests/setup.sh")
+    return path

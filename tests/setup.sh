@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Everything the test suite needs on a fresh Debian machine with Python 3.9+:
+# the Debian packages the integration tests talk to, and a virtualenv in .venv
+# with twistauth and its test extras installed (pip install ., never -e: an
+# editable install hides the twistd plugin).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v redis-server >/dev/null || need_apt+=(redis-server)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+fi
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q --force-reinstall --no-deps .
+.venv/bin/python -m pip install -q '.[test]'

@@ -1,0 +1,132 @@
+"""
+The composition root: settings in, one wired application out.
+
+This is the only module that knows every other one.  L{make_app} builds the
+method registry, the dispatcher, the Klein routes and the resource tree from
+a L{Settings}; L{TwistauthApp.resource} can be served by twistauth's own
+site (C{twistd -n twistauth}) or mounted under a path of a host
+application's site.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import attr
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.resource import IResource
+
+from twistauth.methods.dispatch import Dispatcher
+from twistauth.methods.handler import Services
+from twistauth.methods.registry import MethodRegistry
+from twistauth.settings import Settings
+from twistauth.web.api import APIResource
+from twistauth.web.root import RootResource
+from twistauth.web.routes import make_routes
+from twistauth.web.site import TwistauthSite
+
+log = Logger()
+
+
+@attr.s(frozen=True, kw_only=True)
+class TwistauthApp:
+    """
+    A wired twistauth application.
+
+    @ivar registry: the JSON methods it answers; add to it before serving.
+    @ivar routes: the Klein app for every route but the JSON endpoint.
+    """
+
+    settings: Settings = attr.ib()
+    clock: IReactorTime = attr.ib()
+    registry: MethodRegistry = attr.ib()
+    dispatcher: Dispatcher = attr.ib()
+    routes: Klein = attr.ib()
+    api: APIResource = attr.ib()
+
+    def resource(self) -> IResource:
+        """
+        The resource that serves the whole application.
+        """
+        return RootResource(self.settings.api_path, self.api, self.routes.resource())
+
+    def site(self) -> TwistauthSite:
+        """
+        A site serving L{resource} with twistauth's limits.
+        """
+        s = self.settings
+        return TwistauthSite(
+            self.resource(),
+            clock=self.clock,
+            max_body_bytes=s.max_body_bytes,
+            request_timeout=s.request_timeout,
+            idle_timeout=s.idle_timeout,
+            max_connections_per_ip=s.max_connections_per_ip,
+        )
+
+
+def make_app(
+    settings: Optional[Settings] = None,
+    *,
+    clock: IReactorTime,
+    registry: Optional[MethodRegistry] = None,
+    **keywords: Any,
+) -> TwistauthApp:
+    """
+    Build a twistauth application.
+
+    @param settings: loaded settings; or leave it out and pass settings as
+        C{keywords} (validated as L{Settings.load} does).
+    @param clock: the reactor (or a C{Clock} in tests): all time comes from it.
+    @param registry: a registry of your own methods; the C{method_modules}
+        setting's modules are loaded into it.
+    @raise twistauth.settings.SettingsError: for invalid keywords.
+    @raise ImportError: a method module cannot be imported.
+    @raise ValueError: two methods share a name.
+    """
+    if settings is None:
+        settings = Settings.load(**keywords)
+    elif keywords:
+        raise TypeError("pass either settings or setting keywords, not both")
+    if registry is None:
+        registry = MethodRegistry()
+    for module in settings.method_modules:
+        names = registry.load(module)
+        log.info(
+            "twistauth: methods: {count} from {module} ({origin})",
+            count=len(names),
+            module=module,
+            origin=settings.origins.get("method_modules", "default"),
+        )
+    services = Services(clock=clock, settings=settings, registry=registry)
+    dispatcher = Dispatcher(
+        registry,
+        services,
+        exception_hook=settings.exception_hook,
+        before_hook=settings.before_hook,
+        after_hook=settings.after_hook,
+    )
+    api = APIResource(
+        dispatcher,
+        max_body_bytes=settings.max_body_bytes,
+        max_batch_size=settings.max_batch_size,
+        max_json_depth=settings.max_json_depth,
+    )
+    log.info(
+        "twistauth: JSON methods at {path}: bodies up to {size} bytes, batches up to "
+        "{batch} calls, nesting up to {depth} levels",
+        path=settings.api_path,
+        size=settings.max_body_bytes,
+        batch=settings.max_batch_size,
+        depth=settings.max_json_depth,
+    )
+    return TwistauthApp(
+        settings=settings,
+        clock=clock,
+        registry=registry,
+        dispatcher=dispatcher,
+        routes=make_routes(),
+        api=api,
+    )

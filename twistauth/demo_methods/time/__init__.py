@@ -1,0 +1,3 @@
+"""
+The C{time.*} demo methods.
+"""

@@ -1,0 +1,51 @@
+"""
+The service tree: listening endpoints around one site.
+
+L{TwistauthService} is a C{MultiService} that a host program can add to
+its own.  Stopping it stops listening, closes every open connection and
+leaves no delayed call behind.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Sequence
+
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
+
+from twistauth.web.site import TwistauthSite
+
+log = Logger()
+
+
+class TwistauthService(MultiService):
+    """
+    Listens on each endpoint with one site.
+    """
+
+    def __init__(self, site: TwistauthSite, endpoints: Sequence[str], reactor: Any) -> None:
+        super().__init__()
+        self.site = site
+        self.endpoints = tuple(endpoints)
+        for description in self.endpoints:
+            strports.service(description, site, reactor=reactor).setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        for description in self.endpoints:
+            log.info("twistauth: listening on {endpoint}", endpoint=description)
+
+    def stopService(self) -> "Deferred[Any]":
+        stopped: "Deferred[Any]" = super().stopService()  # type: ignore[assignment]
+
+        def close_connections(result: Any) -> "Deferred[Any]":
+            closing: List["Deferred[Any]"] = [
+                channel.closed() for channel in list(self.site.channels())
+            ]
+            for channel in list(self.site.channels()):
+                channel.loseConnection()
+            return DeferredList(closing).addCallback(lambda _: result)
+
+        return stopped.addCallback(close_connections)

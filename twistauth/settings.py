@@ -1,0 +1,456 @@
+"""
+Settings: one frozen object, loaded from five sources.
+
+In rising precedence: built-in defaults, a TOML file (C{--config PATH}),
+environment variables (C{TWISTAUTH_<KEY>}), command-line options, Python
+keywords.  Every key is declared once, here, with its kind (how a value is
+checked and how a string is parsed) and its documentation; the command-line
+options, the configuration reference in C{docs/} and the validation all come
+from that declaration.
+
+A bad value never starts anything: L{Settings.load} raises L{SettingsError},
+whose message names the key, the source it came from and what is allowed.
+"""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import importlib
+import sys
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+)
+
+import attr
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python < 3.11 only
+    import tomli as tomllib
+
+ENV_PREFIX = "TWISTAUTH_"
+
+
+class SettingsError(ValueError):
+    """
+    A setting is unknown, of the wrong type, or out of range.
+
+    @ivar key: the setting's name (or C{None} for a whole-source problem).
+    @ivar source: where the value came from, e.g. C{"config file a.toml"}.
+    """
+
+    def __init__(self, key: Optional[str], source: str, message: str):
+        self.key = key
+        self.source = source
+        where = f"setting {key!r} from {source}" if key else source
+        super().__init__(f"{where}: {message}")
+
+
+# ---------------------------------------------------------------------------
+# Kinds: how a value is checked, parsed from a string, and described.
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Kind:
+    """
+    The type of a setting: C{check} takes a typed value (TOML, keywords),
+    C{parse} takes a string (environment, command line).  Both raise
+    L{ValueError} with a message that says what is allowed.
+    """
+
+    allowed: str
+    check: Callable[[Any], Any]
+    parse: Callable[[str], Any]
+    repeatable: bool = False
+
+
+def _int_kind(low: int, high: int) -> Kind:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer from {low} to {high}, got {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"expected an integer from {low} to {high}, got {value}")
+        return value
+
+    def parse(text: str) -> int:
+        try:
+            return check(int(text.strip()))
+        except ValueError:
+            raise ValueError(f"expected an integer from {low} to {high}, got {text!r}") from None
+
+    return Kind(f"an integer from {low} to {high}", check, parse)
+
+
+def _float_kind(low: float, high: float) -> Kind:
+    allowed = f"a number of seconds from {low:g} to {high:g}"
+
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected {allowed}, got {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"expected {allowed}, got {value}")
+        return float(value)
+
+    def parse(text: str) -> float:
+        try:
+            number = float(text.strip())
+        except ValueError:
+            raise ValueError(f"expected {allowed}, got {text!r}") from None
+        return check(number)
+
+    return Kind(allowed, check, parse)
+
+
+def _check_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _path_kind() -> Kind:
+    def check(value: Any) -> str:
+        value = _check_str(value)
+        if not value.startswith("/") or value.endswith("/") or "?" in value or "#" in value:
+            raise ValueError(
+                f"expected an absolute URL path such as '/api' (no trailing '/', "
+                f"query or fragment), got {value!r}"
+            )
+        return value
+
+    return Kind("an absolute URL path such as '/api'", check, check)
+
+
+def _list_kind(item: Callable[[str], str], allowed: str) -> Kind:
+    def check(value: Any) -> Tuple[str, ...]:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list of {allowed}, got {value!r}")
+        return tuple(item(_check_str(v)) for v in value)
+
+    def parse(text: str) -> Tuple[str, ...]:
+        return tuple(item(part.strip()) for part in text.split(",") if part.strip())
+
+    return Kind(f"a list of {allowed}", check, parse, repeatable=True)
+
+
+def _endpoint(text: str) -> str:
+    """
+    Check a server endpoint string by parsing it (nothing listens).
+    """
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    try:
+        serverFromString(MemoryReactor(), text)
+    except Exception as e:
+        raise ValueError(
+            f"expected a Twisted server endpoint such as 'tcp:8080' or "
+            f"'tcp:8080:interface=127.0.0.1', got {text!r} ({e})"
+        ) from None
+    return text
+
+
+def _module_name(text: str) -> str:
+    if not text or not all(part.isidentifier() for part in text.split(".")):
+        raise ValueError(f"expected a dotted module name, got {text!r}")
+    return text
+
+
+def _callable_kind() -> Kind:
+    """
+    A callable, given as C{"package.module:attribute"} in text sources or as
+    the object itself in Python keywords.
+    """
+    allowed = "a callable given as 'package.module:name'"
+
+    def parse(text: str) -> Callable[..., Any]:
+        module_name, sep, attribute = text.partition(":")
+        if not sep or not attribute:
+            raise ValueError(f"expected {allowed}, got {text!r}")
+        try:
+            target: Any = importlib.import_module(_module_name(module_name))
+            for part in attribute.split("."):
+                target = getattr(target, part)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot import {text!r}: {e}") from None
+        if not callable(target):
+            raise ValueError(f"{text!r} is not callable")
+        return target  # type: ignore[no-any-return]
+
+    def check(value: Any) -> Optional[Callable[..., Any]]:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return parse(value)
+        if not callable(value):
+            raise ValueError(f"expected {allowed}, got {value!r}")
+        return value  # type: ignore[no-any-return]
+
+    return Kind(allowed, check, parse)
+
+
+def _secret_kind(length: int) -> Kind:
+    """
+    A key of exactly C{length} random bytes, written as URL-safe base64, or
+    C{"file:PATH"} naming a file that holds it (keeps it off the command line).
+    """
+    allowed = (
+        f"{length} random bytes in URL-safe base64 (make one with: python3 -c "
+        f"'import secrets; print(secrets.token_urlsafe({length}))'), or 'file:PATH'"
+    )
+
+    def parse(text: str) -> bytes:
+        text = text.strip()
+        if text.startswith("file:"):
+            path = text[len("file:") :]
+            try:
+                with open(path, encoding="ascii") as f:
+                    text = f.read().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"cannot read the key file {path!r}: {e}") from None
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        except ValueError:
+            raise ValueError(f"expected {allowed}; the value is not base64") from None
+        if len(raw) != length:
+            raise ValueError(f"expected {allowed}; it decodes to {len(raw)} bytes")
+        return raw
+
+    def check(value: Any) -> Optional[bytes]:
+        if value is None:
+            return None
+        if isinstance(value, bytes):
+            if len(value) != length:
+                raise ValueError(f"expected {length} bytes, got {len(value)}")
+            return value
+        return parse(_check_str(value))
+
+    return Kind(allowed, check, parse)
+
+
+INT_BYTES = _int_kind(1, 16 * 1024 * 1024)
+API_PATH = _path_kind()
+ENDPOINTS = _list_kind(_endpoint, "Twisted server endpoint strings")
+MODULES = _list_kind(_module_name, "dotted module names")
+CALLABLE = _callable_kind()
+KEY32 = _secret_kind(32)
+
+
+def setting(default: Any, kind: Kind, doc: str, *, example: Optional[str] = None) -> Any:
+    """
+    Declare a setting: an attrs field carrying its kind and documentation.
+    """
+    return attr.ib(default=default, metadata={"kind": kind, "doc": doc, "example": example})
+
+
+# ---------------------------------------------------------------------------
+# The settings object.
+
+
+@attr.s(frozen=True, kw_only=True, auto_attribs=True)
+class Settings:
+    """
+    Every setting twistauth reads.  Build it with L{Settings.load}; the
+    constructor does no validation of its own.
+    """
+
+    listen: Tuple[str, ...] = setting(
+        ("tcp:8080",),
+        ENDPOINTS,
+        "Where to listen: Twisted server endpoint strings, repeatable.",
+        example="tcp:8080:interface=127.0.0.1",
+    )
+    api_path: str = setting("/api", API_PATH, "The URL path of the JSON-method endpoint.")
+    method_modules: Tuple[str, ...] = setting(
+        ("twistauth.demo_methods",),
+        MODULES,
+        "Packages of method modules: the method 'a.b' is the function 'invoke' "
+        "of the module '<package>.a.b'.  The built-in demo package answers "
+        "'echo' and 'time.now'.",
+        example="myapp.methods",
+    )
+    max_body_bytes: int = setting(
+        64 * 1024,
+        INT_BYTES,
+        "Largest request body accepted; a larger one is answered 413 before it is read.",
+    )
+    max_batch_size: int = setting(
+        32, _int_kind(1, 1000), "Most calls one batch may hold (more: 413)."
+    )
+    max_json_depth: int = setting(
+        32, _int_kind(2, 256), "Deepest nesting of arrays and objects a request may have (deeper: 400)."
+    )
+    request_timeout: float = setting(
+        30.0,
+        _float_kind(0.1, 3600),
+        "Deadline for receiving a request's headers and body (slow clients: 408).",
+    )
+    idle_timeout: float = setting(
+        60.0, _float_kind(0.1, 3600), "Seconds an idle keep-alive connection is kept open."
+    )
+    max_connections_per_ip: int = setting(
+        256, _int_kind(1, 1_000_000), "Most open connections from one client address."
+    )
+    deployment_key: Optional[bytes] = setting(
+        None,
+        KEY32,
+        "The deployment's secret (32 bytes, base64url, or 'file:PATH').  "
+        "Unset: a random key per process, which only suits one process.",
+        example="file:/etc/twistauth/deployment.key",
+    )
+    exception_hook: Optional[Callable[..., Any]] = setting(
+        None,
+        CALLABLE,
+        "Called as hook(handler, exception) when a method raises; may return a "
+        "TwistauthError to answer with, or None to answer 500.",
+        example="myapp.errors:map_error",
+    )
+    before_hook: Optional[Callable[..., Any]] = setting(
+        None, CALLABLE, "Called as hook(transaction) before every method call."
+    )
+    after_hook: Optional[Callable[..., Any]] = setting(
+        None,
+        CALLABLE,
+        "Called as hook(transaction) after every method call and every whole batch, "
+        "with its duration and outcome.",
+    )
+    origins: Mapping[str, str] = attr.ib(factory=dict, eq=False, repr=False)
+    """Where each key's value came from, e.g. C{{"listen": "default"}}."""
+
+    @classmethod
+    def keys(cls) -> Dict[str, "attr.Attribute[Any]"]:
+        """
+        The declared settings, by name, in declaration order.
+        """
+        return {a.name: a for a in attr.fields(cls) if "kind" in a.metadata}
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        config_path: Optional[str] = None,
+        environ: Optional[Mapping[str, str]] = None,
+        command_line: Optional[Mapping[str, Any]] = None,
+        **keywords: Any,
+    ) -> "Settings":
+        """
+        Load settings from every source and validate them.
+
+        @param config_path: a TOML file, or C{None}.
+        @param environ: the environment to read C{TWISTAUTH_*} variables from
+            (C{None}: none are read; pass C{os.environ} to read the process's).
+        @param command_line: values from the command line, by key: strings,
+            or lists of strings for repeatable keys.
+        @param keywords: typed values, the highest precedence.
+        @raise SettingsError: for anything unknown or invalid.
+        """
+        declared = cls.keys()
+        values: Dict[str, Any] = {}
+        origins: Dict[str, str] = {name: "default" for name in declared}
+
+        def take(name: str, source: str, convert: Callable[[Kind], Any]) -> None:
+            if name not in declared:
+                close = difflib.get_close_matches(name, declared, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise SettingsError(name, source, f"unknown setting{hint}")
+            kind: Kind = declared[name].metadata["kind"]
+            try:
+                values[name] = convert(kind)
+            except ValueError as e:
+                raise SettingsError(name, source, str(e)) from None
+            origins[name] = source
+
+        if config_path is not None:
+            source = f"config file {config_path}"
+            for name, value in _read_toml(config_path, source).items():
+                take(name, source, lambda kind, v=value: kind.check(v))
+
+        for variable, text in sorted((environ or {}).items()):
+            if not variable.startswith(ENV_PREFIX) or variable == ENV_PREFIX + "CONFIG":
+                continue
+            name = variable[len(ENV_PREFIX) :].lower()
+            take(name, f"environment variable {variable}", lambda kind, t=text: kind.parse(t))
+
+        for name, given in (command_line or {}).items():
+            if given is None:
+                continue
+            source = f"command-line option --{name.replace('_', '-')}"
+
+            def from_text(kind: Kind, given: Any = given) -> Any:
+                if kind.repeatable:
+                    return tuple(item for text in given for item in kind.parse(text))
+                return kind.parse(given)
+
+            take(name, source, from_text)
+
+        for name, value in keywords.items():
+            take(name, "Python keyword", lambda kind, v=value: kind.check(v))
+
+        return cls(origins=origins, **values)
+
+    def describe(self, name: str) -> str:
+        """
+        C{"value (source)"} for one key, for start-up log lines.  Secrets are
+        never shown.
+        """
+        value = getattr(self, name)
+        if isinstance(value, bytes):
+            shown = "set"
+        elif isinstance(value, tuple):
+            shown = ", ".join(value)
+        elif callable(value):
+            shown = f"{getattr(value, '__module__', '?')}:{getattr(value, '__qualname__', '?')}"
+        else:
+            shown = str(value)
+        return f"{shown} ({self.origins.get(name, 'default')})"
+
+
+def _read_toml(path: str, source: str) -> Dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise SettingsError(None, source, f"cannot be read: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SettingsError(None, source, f"is not valid TOML: {e}") from None
+    for name, value in data.items():
+        if isinstance(value, dict):
+            raise SettingsError(
+                name, source, "tables are not settings; write keys at the top level"
+            )
+    return data
+
+
+def documented_keys() -> Iterable[Tuple[str, str, str, Any, Optional[str]]]:
+    """
+    (name, allowed, doc, default, example) for each key: the configuration reference.
+    """
+    for name, a in Settings.keys().items():
+        yield name, a.metadata["kind"].allowed, a.metadata["doc"], a.default, a.metadata["example"]
+
+
+def command_line_values(options: Mapping[str, Any]) -> Dict[str, Any]:
+    """
+    The settings given in a parsed L{twistauth.tap.Options}, by key.
+    """
+    return {
+        name: options[name]
+        for name in Settings.keys()
+        if options.get(name) not in (None, [])
+    }
+
+
+__all__: Sequence[str] = [
+    "Settings",
+    "SettingsError",
+    "ENV_PREFIX",
+    "documented_keys",
+    "command_line_values",
+]

@@ -1,0 +1,93 @@
+"""
+The twistd plugin's options and service maker.
+
+Every setting is a command-line option (C{--max-body-bytes 1000}); options
+that take lists (C{--listen}) may be repeated.  Settings are loaded and
+validated in L{Options.postOptions}, so a bad value stops C{twistd} with a
+message naming the key and the source before anything starts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from twistauth.settings import ENV_PREFIX, Settings, SettingsError, command_line_values
+
+
+class Options(usage.Options):
+    """
+    C{twistd twistauth} options.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run the twistauth authentication and session server.  Settings come from, "
+        "in rising precedence: defaults, the --config TOML file, TWISTAUTH_<KEY> "
+        "environment variables, and these options."
+    )
+    optParameters = [
+        ["config", "c", None, f"A TOML settings file (or set {ENV_PREFIX}CONFIG)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name, field in Settings.keys().items():
+            self[name] = [] if field.metadata["kind"].repeatable else None
+
+    def postOptions(self) -> None:
+        config = self["config"] or os.environ.get(ENV_PREFIX + "CONFIG")
+        try:
+            self["settings"] = Settings.load(
+                config_path=config,
+                environ=os.environ,
+                command_line=command_line_values(self),
+            )
+        except SettingsError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def _add_option(name: str, repeatable: bool, doc: str) -> None:
+    if repeatable:
+
+        def option(self: Options, value: str) -> None:
+            self[name].append(value)
+
+        option.__doc__ = doc + " (repeatable)"
+    else:
+
+        def option(self: Options, value: str) -> None:
+            self[name] = value
+
+        option.__doc__ = doc
+    setattr(Options, "opt_" + name, option)
+
+
+for _name, _field in Settings.keys().items():
+    _add_option(_name, _field.metadata["kind"].repeatable, _field.metadata["doc"])
+
+
+def makeService(options: Any, reactor: Optional[Any] = None) -> IService:
+    """
+    Build the twistauth service from parsed L{Options} (or any mapping with
+    a C{"settings"} key holding a L{Settings}).
+
+    @param reactor: the reactor to listen with and take time from; the
+        global reactor if C{None}.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    from twistauth.app import make_app
+    from twistauth.service import TwistauthService
+
+    settings: Settings = options["settings"]
+    app = make_app(settings, clock=reactor)
+    return TwistauthService(app.site(), settings.listen, reactor)
+
+
+make_service: Callable[..., IService] = makeService

@@ -1,0 +1,1 @@
+"""The HTTP layer: thin routes over the core; the only part that knows Klein."""

@@ -1,0 +1,69 @@
+"""
+The Klein routes: every page and endpoint except the JSON-method hot path.
+
+Each feature adds its routes to the one L{Klein} app built by
+L{make_routes}.  Errors answer in the JSON error envelope, never with a
+traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from twistauth.errors import InternalError, MethodNotAllowedError, NotFoundError, TwistauthError
+
+log = Logger()
+
+
+def error_response(request: Any, error: TwistauthError) -> bytes:
+    """
+    Answer C{request} with C{error} in the JSON envelope.
+    """
+    request.setResponseCode(error.status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    for name, value in error.headers.items():
+        request.setHeader(name.encode("ascii"), value.encode("ascii"))
+    return json.dumps({"error": error.to_json()}).encode()
+
+
+def make_routes() -> Klein:
+    """
+    The Klein app with the error handling every route shares.
+    """
+    app = Klein()
+
+    @app.handle_errors(NotFound)
+    def not_found(request: Any, failure: Failure) -> bytes:
+        path = request.path.decode("utf-8", "replace")[:200]
+        return error_response(request, NotFoundError(f"nothing is served at {path!r}"))
+
+    @app.handle_errors(MethodNotAllowed)
+    def not_allowed(request: Any, failure: Failure) -> bytes:
+        error = MethodNotAllowedError()
+        allowed = getattr(failure.value, "valid_methods", None)
+        if allowed:
+            error.headers["Allow"] = ", ".join(allowed)
+        return error_response(request, error)
+
+    @app.handle_errors(TwistauthError)
+    def twistauth_error(request: Any, failure: Failure) -> bytes:
+        return error_response(request, failure.value)
+
+    @app.handle_errors(Exception)
+    def unexpected(request: Any, failure: Failure) -> bytes:
+        cid = secrets.token_hex(8)
+        log.failure("route {path} failed (correlation id {cid})", failure, path=request.path, cid=cid)
+        return error_response(
+            request,
+            InternalError({"message": "internal error", "correlation_id": cid}),
+        )
+
+    return app

@@ -1,0 +1,232 @@
+"""
+The HTTP server: a L{Site} that defends itself.
+
+Twisted reads any request body whole (into memory, then a temporary file)
+and stops its idle timeout while a request is handled.  This site adds:
+
+  - a body limit checked when the headers arrive (C{Content-Length}) and
+    while chunked bodies stream in: 413 in the error envelope, then the
+    connection is closed without reading the rest;
+  - a deadline for receiving each request's headers and body (slowloris):
+    408, then close;
+  - a cap on open connections per client address;
+  - no form parsing of POST bodies (C{parsePOSTFormSubmission=False}): it
+    costs ~44 µs a request and twistauth parses the one form it takes itself.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Dict, List, Optional, Set
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
+
+from twistauth.errors import BodyTooLargeError, RequestTimeoutError, TwistauthError
+
+log = Logger()
+
+_REASONS = {408: b"Request Timeout", 413: b"Content Too Large"}
+
+
+class GuardedRequest(Request):
+    """
+    A request that refuses bodies over its route's limit and requests that
+    take too long to arrive.
+    """
+
+    _limit: int = 0
+    _received: int = 0
+    _rejected: bool = False
+
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, *args, **kwargs)
+        site: TwistauthSite = channel.site
+        self._deadline = site.clock.callLater(site.request_timeout, self._too_slow)
+
+    def gotLength(self, length: Optional[int]) -> None:
+        site: TwistauthSite = self.channel.site
+        self._limit = site.body_limit(getattr(self.channel, "_path", b""))
+        if length is not None and length > self._limit:
+            self._reject(
+                BodyTooLargeError(
+                    f"the body is {length} bytes; at most {self._limit} are accepted here"
+                )
+            )
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        self._received += len(data)
+        if self._received > self._limit:
+            self._reject(
+                BodyTooLargeError(f"the body is over {self._limit} bytes, the most accepted here")
+            )
+            return
+        self.content.write(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._deadline.active():
+            self._deadline.cancel()
+        if self._rejected:
+            return
+        super().requestReceived(command, path, version)
+
+    def connectionLost(self, reason: Any) -> None:
+        if self._deadline.active():
+            self._deadline.cancel()
+        super().connectionLost(reason)
+
+    def _too_slow(self) -> None:
+        self._reject(RequestTimeoutError("the request's headers and body did not arrive in time"))
+
+    def _reject(self, error: TwistauthError) -> None:
+        """
+        Answer before the request is complete, then close the connection:
+        the rest of the body is never read.
+        """
+        if self._rejected:
+            return
+        self._rejected = True
+        if self._deadline.active():
+            self._deadline.cancel()
+        body = json.dumps({"error": error.to_json()}).encode()
+        transport = self.channel.transport
+        if transport is None:
+            return
+        transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (error.status, _REASONS.get(error.status, b"Error"), len(body), body)
+        )
+        self.channel.loseConnection()
+
+
+class GuardedChannel(HTTPChannel):
+    """
+    Registers itself with its site while open, counted against its client
+    address, so the site can cap connections and close them all on stop.
+    """
+
+    _counted_host: Optional[str] = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._on_close: List["Deferred[None]"] = []
+        self.site.channel_opened(self)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.site.channel_closed(self)
+        super().connectionLost(reason)
+        waiting, self._on_close = self._on_close, []
+        for d in waiting:
+            d.callback(None)
+
+    def closed(self) -> "Deferred[None]":
+        """
+        A Deferred that fires when this connection is closed.
+        """
+        d: "Deferred[None]" = Deferred()
+        self._on_close.append(d)
+        return d
+
+
+class TwistauthSite(Site):
+    """
+    The twistauth L{Site}.
+
+    @ivar clock: the clock deadlines are kept on.
+    @ivar request_timeout: seconds a request's headers and body may take.
+    """
+
+    requestFactory = GuardedRequest
+    protocol = GuardedChannel
+
+    def __init__(
+        self,
+        resource: IResource,
+        *,
+        clock: IReactorTime,
+        max_body_bytes: int,
+        request_timeout: float,
+        idle_timeout: float,
+        max_connections_per_ip: int,
+        body_limits: Optional[Dict[bytes, int]] = None,
+    ) -> None:
+        super().__init__(
+            resource, timeout=idle_timeout, parsePOSTFormSubmission=False, reactor=clock
+        )
+        self.clock = clock
+        self.request_timeout = request_timeout
+        self.max_body_bytes = max_body_bytes
+        self.max_connections_per_ip = max_connections_per_ip
+        self._body_limits = dict(body_limits or {})
+        self._open: Dict[str, int] = {}
+        self._channels: Set[GuardedChannel] = set()
+
+    def body_limit(self, raw_path: bytes) -> int:
+        """
+        The largest body accepted for a request line's path.
+        """
+        if self._body_limits:
+            path = raw_path.split(b"?", 1)[0]
+            return self._body_limits.get(path, self.max_body_bytes)
+        return self.max_body_bytes
+
+    def set_body_limit(self, path: bytes, limit: int) -> None:
+        """
+        Give one path its own (usually smaller) body limit.
+        """
+        self._body_limits[path] = limit
+
+    def buildProtocol(self, addr: IAddress) -> Optional[GuardedChannel]:
+        host = getattr(addr, "host", None)
+        if host is not None:
+            count = self._open.get(host, 0)
+            if count >= self.max_connections_per_ip:
+                log.warn(
+                    "refused a connection: {count} already open from one address",
+                    count=count,
+                )
+                return None
+            self._open[host] = count + 1
+        channel: Optional[GuardedChannel] = super().buildProtocol(addr)
+        if channel is not None and host is not None:
+            channel._counted_host = host
+        return channel
+
+    def channel_opened(self, channel: GuardedChannel) -> None:
+        self._channels.add(channel)
+
+    def channel_closed(self, channel: GuardedChannel) -> None:
+        self._channels.discard(channel)
+        host = channel._counted_host
+        if host is None:
+            return
+        channel._counted_host = None
+        count = self._open.get(host, 0) - 1
+        if count > 0:
+            self._open[host] = count
+        else:
+            self._open.pop(host, None)
+
+    def channels(self) -> Set[GuardedChannel]:
+        """
+        The open connections.
+        """
+        return set(self._channels)
+
+    def open_connections(self) -> int:
+        """
+        How many connections are counted against client addresses.
+        """
+        return sum(self._open.values())
+
+
+SiteFactory = Callable[[IResource], TwistauthSite]

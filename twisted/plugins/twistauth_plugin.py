@@ -1,0 +1,16 @@
+"""
+The twistd plugin: C{twistd -n twistauth}.
+
+It names L{twistauth.tap} as a string, so scanning plugins imports nothing
+heavy and installs no reactor (C{twistd --reactor=asyncio} keeps working).
+"""
+
+from twisted.application.service import ServiceMaker
+
+twistauth = ServiceMaker(
+    "twistauth",
+    "twistauth.tap",
+    "Authentication and session server: OIDC login, JSON methods, sessions, "
+    "instant logout.",
+    "twistauth",
+)
