@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import sys
 import time
 from typing import Iterator, Optional
 
@@ -27,7 +28,7 @@ def free_port() -> int:
 
 def wait_for_port(port: int, timeout: float = 10.0) -> None:
     """
-    Block until something accepts connections on 127.0.0.1:C{port}.
+    Block until something accepts connections on 127.0.0.1:``port``.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -121,7 +122,7 @@ def twistd_path() -> str:
     """
     The twistd of the Python running the tests (the installed plugin).
     """
-    candidate = os.path.join(os.path.dirname(os.path.realpath(os.sys.executable)), "twistd")
+    candidate = os.path.join(os.path.dirname(sys.executable), "twistd")
     path = candidate if os.path.exists(candidate) else shutil.which("twistd")
     if path is None:
         raise RuntimeError("twistd is not installed: run tests/setup.sh")

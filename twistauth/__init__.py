@@ -1,12 +1,12 @@
 """
 twistauth: a Twisted authentication and session server, and a library.
 
-The public names: build an app with L{make_app}, register methods with
-L{method} or a L{MethodRegistry}, configure with L{Settings}, answer errors
-from the L{twistauth.errors} tree.
+The public names: build an app with `make_app`, register methods with
+`method` or a `MethodRegistry`, configure with `Settings`, answer errors
+from the `twistauth.errors` tree.
 
 The names are imported on first use: importing Klein installs Twisted's
-default reactor, and C{import twistauth} must not do that before a program
+default reactor, and ``import twistauth`` must not do that before a program
 has chosen its reactor.
 """
 

@@ -1,10 +1,10 @@
 """
 The composition root: settings in, one wired application out.
 
-This is the only module that knows every other one.  L{make_app} builds the
+This is the only module that knows every other one.  `make_app` builds the
 method registry, the dispatcher, the Klein routes and the resource tree from
-a L{Settings}; L{TwistauthApp.resource} can be served by twistauth's own
-site (C{twistd -n twistauth}) or mounted under a path of a host
+a `Settings`; `TwistauthApp.resource` can be served by twistauth's own
+site (``twistd -n twistauth``) or mounted under a path of a host
 application's site.
 """
 
@@ -35,8 +35,8 @@ class TwistauthApp:
     """
     A wired twistauth application.
 
-    @ivar registry: the JSON methods it answers; add to it before serving.
-    @ivar routes: the Klein app for every route but the JSON endpoint.
+    :ivar registry: the JSON methods it answers; add to it before serving.
+    :ivar routes: the Klein app for every route but the JSON endpoint.
     """
 
     settings: Settings = attr.ib()
@@ -54,7 +54,7 @@ class TwistauthApp:
 
     def site(self) -> TwistauthSite:
         """
-        A site serving L{resource} with twistauth's limits.
+        A site serving `resource` with twistauth's limits.
         """
         s = self.settings
         return TwistauthSite(
@@ -77,14 +77,14 @@ def make_app(
     """
     Build a twistauth application.
 
-    @param settings: loaded settings; or leave it out and pass settings as
-        C{keywords} (validated as L{Settings.load} does).
-    @param clock: the reactor (or a C{Clock} in tests): all time comes from it.
-    @param registry: a registry of your own methods; the C{method_modules}
+    :param settings: loaded settings; or leave it out and pass settings as
+        ``keywords`` (validated as `Settings.load` does).
+    :param clock: the reactor (or a ``Clock`` in tests): all time comes from it.
+    :param registry: a registry of your own methods; the ``method_modules``
         setting's modules are loaded into it.
     @raise twistauth.settings.SettingsError: for invalid keywords.
-    @raise ImportError: a method module cannot be imported.
-    @raise ValueError: two methods share a name.
+    :raises ImportError: a method module cannot be imported.
+    :raises ValueError: two methods share a name.
     """
     if settings is None:
         settings = Settings.load(**keywords)

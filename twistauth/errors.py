@@ -1,16 +1,19 @@
 """
 The twistauth error tree.
 
-Every error a client can see is a L{TwistauthError} subclass with a stable
-numeric C{code}, a stable C{name}, and the HTTP status that fits it.  Codes
-are the HTTP status times ten plus a small number, so a code tells its status
-at a glance and new codes never renumber old ones.  The table in
-C{docs/protocol.rst} is generated from L{all_errors}; a test keeps the two in
+Every error a client can see is a `TwistauthError` subclass with a stable
+numeric ``code``, a stable ``name``, and the HTTP status that fits it.  A code
+is the HTTP status times 100 plus a number, so it tells its status at a
+glance, and new codes never renumber old ones.  Numbers by area: 0-19 the
+protocol and server, 20-39 sessions and transport, 40-59 accounts, 60-69 the
+bus and waiters, 70-99 OpenID Connect.  Areas define their errors in their own
+modules, as subclasses of `TwistauthError`; `all_errors` finds them all.  The table in
+``docs/protocol.rst`` is generated from `all_errors`; a test keeps the two in
 step.
 
 The JSON form is Toto's envelope::
 
-    {"error": {"code": 4001, "name": "invalid_json", "value": "..."}}
+    {"error": {"code": 40001, "name": "invalid_json", "value": "..."}}
 """
 
 from __future__ import annotations
@@ -22,14 +25,14 @@ class TwistauthError(Exception):
     """
     Base of every error twistauth answers a client with.
 
-    @cvar code: the stable numeric code.
-    @cvar name: the stable short name.
-    @cvar status: the HTTP status used when this error answers a whole request.
-    @ivar value: what the client is told: a message, or a JSON-serialisable
+    :cvar code: the stable numeric code.
+    :cvar name: the stable short name.
+    :cvar status: the HTTP status used when this error answers a whole request.
+    :ivar value: what the client is told: a message, or a JSON-serialisable
         object for errors that carry details.
     """
 
-    code: ClassVar[int] = 5000
+    code: ClassVar[int] = 50000
     name: ClassVar[str] = "internal_error"
     status: ClassVar[int] = 500
     default_message: ClassVar[str] = "internal error"
@@ -43,7 +46,7 @@ class TwistauthError(Exception):
 
     def to_json(self) -> Dict[str, Any]:
         """
-        The error's JSON form, without the outer C{"error"} key.
+        The error's JSON form, without the outer ``"error"`` key.
         """
         return {"code": self.code, "name": self.name, "value": self.value}
 
@@ -51,7 +54,7 @@ class TwistauthError(Exception):
 class BadRequestError(TwistauthError):
     """The request is malformed."""
 
-    code = 4000
+    code = 40000
     name = "bad_request"
     status = 400
     default_message = "the request is malformed"
@@ -60,7 +63,7 @@ class BadRequestError(TwistauthError):
 class InvalidJSONError(TwistauthError):
     """The request body is not valid JSON or msgpack."""
 
-    code = 4001
+    code = 40001
     name = "invalid_json"
     status = 400
     default_message = "the request body is not valid JSON or msgpack"
@@ -69,7 +72,7 @@ class InvalidJSONError(TwistauthError):
 class InvalidEnvelopeError(TwistauthError):
     """The request body is not a method call or a batch."""
 
-    code = 4002
+    code = 40002
     name = "invalid_envelope"
     status = 400
     default_message = "the request body is not a method call or a batch"
@@ -78,7 +81,7 @@ class InvalidEnvelopeError(TwistauthError):
 class TooDeepError(TwistauthError):
     """The request body is nested too deeply."""
 
-    code = 4003
+    code = 40003
     name = "too_deep"
     status = 400
     default_message = "the request body is nested too deeply"
@@ -87,7 +90,7 @@ class TooDeepError(TwistauthError):
 class InvalidParametersError(TwistauthError):
     """The method's parameters are missing or of the wrong type."""
 
-    code = 4004
+    code = 40004
     name = "invalid_parameters"
     status = 400
     default_message = "the method's parameters are missing or of the wrong type"
@@ -96,7 +99,7 @@ class InvalidParametersError(TwistauthError):
 class AuthRequiredError(TwistauthError):
     """This call needs a logged-in session."""
 
-    code = 4010
+    code = 40100
     name = "auth_required"
     status = 401
     default_message = "this call needs a logged-in session"
@@ -105,7 +108,7 @@ class AuthRequiredError(TwistauthError):
 class ForbiddenError(TwistauthError):
     """This session may not make this call."""
 
-    code = 4030
+    code = 40300
     name = "forbidden"
     status = 403
     default_message = "this session may not make this call"
@@ -114,7 +117,7 @@ class ForbiddenError(TwistauthError):
 class UnknownMethodError(TwistauthError):
     """No such method."""
 
-    code = 4040
+    code = 40400
     name = "unknown_method"
     status = 404
     default_message = "no such method"
@@ -123,7 +126,7 @@ class UnknownMethodError(TwistauthError):
 class NotFoundError(TwistauthError):
     """No such resource."""
 
-    code = 4041
+    code = 40401
     name = "not_found"
     status = 404
     default_message = "no such resource"
@@ -132,7 +135,7 @@ class NotFoundError(TwistauthError):
 class MethodNotAllowedError(TwistauthError):
     """This HTTP method is not allowed here."""
 
-    code = 4050
+    code = 40500
     name = "method_not_allowed"
     status = 405
     default_message = "this HTTP method is not allowed here"
@@ -141,7 +144,7 @@ class MethodNotAllowedError(TwistauthError):
 class NotAcceptableError(TwistauthError):
     """No acceptable response type; use application/json or msgpack."""
 
-    code = 4060
+    code = 40600
     name = "not_acceptable"
     status = 406
     default_message = "no acceptable response type; use application/json or msgpack"
@@ -150,7 +153,7 @@ class NotAcceptableError(TwistauthError):
 class RequestTimeoutError(TwistauthError):
     """The request was not received in time."""
 
-    code = 4080
+    code = 40800
     name = "request_timeout"
     status = 408
     default_message = "the request was not received in time"
@@ -159,7 +162,7 @@ class RequestTimeoutError(TwistauthError):
 class BodyTooLargeError(TwistauthError):
     """The request body is too large."""
 
-    code = 4130
+    code = 41300
     name = "body_too_large"
     status = 413
     default_message = "the request body is too large"
@@ -168,7 +171,7 @@ class BodyTooLargeError(TwistauthError):
 class BatchTooLargeError(TwistauthError):
     """The batch has too many calls."""
 
-    code = 4131
+    code = 41301
     name = "batch_too_large"
     status = 413
     default_message = "the batch has too many calls"
@@ -177,7 +180,7 @@ class BatchTooLargeError(TwistauthError):
 class UnsupportedMediaTypeError(TwistauthError):
     """The request body's content type is not supported."""
 
-    code = 4150
+    code = 41500
     name = "unsupported_media_type"
     status = 415
     default_message = "the request body's content type is not supported"
@@ -186,7 +189,7 @@ class UnsupportedMediaTypeError(TwistauthError):
 class RateLimitedError(TwistauthError):
     """Too many requests; retry later."""
 
-    code = 4290
+    code = 42900
     name = "rate_limited"
     status = 429
     default_message = "too many requests; retry later"
@@ -195,7 +198,7 @@ class RateLimitedError(TwistauthError):
 class BadGatewayError(TwistauthError):
     """An upstream service answered badly."""
 
-    code = 5020
+    code = 50200
     name = "bad_gateway"
     status = 502
     default_message = "an upstream service answered badly"
@@ -204,7 +207,7 @@ class BadGatewayError(TwistauthError):
 class BackendUnavailableError(TwistauthError):
     """A backend service is unavailable; retry later."""
 
-    code = 5030
+    code = 50300
     name = "backend_unavailable"
     status = 503
     default_message = "a backend service is unavailable; retry later"
@@ -213,7 +216,7 @@ class BackendUnavailableError(TwistauthError):
 class GatewayTimeoutError(TwistauthError):
     """An upstream service did not answer in time."""
 
-    code = 5040
+    code = 50400
     name = "gateway_timeout"
     status = 504
     default_message = "an upstream service did not answer in time"

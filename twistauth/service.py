@@ -1,7 +1,7 @@
 """
 The service tree: listening endpoints around one site.
 
-L{TwistauthService} is a C{MultiService} that a host program can add to
+`TwistauthService` is a ``MultiService`` that a host program can add to
 its own.  Stopping it stops listening, closes every open connection and
 leaves no delayed call behind.
 """

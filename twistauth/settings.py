@@ -1,14 +1,14 @@
 """
 Settings: one frozen object, loaded from five sources.
 
-In rising precedence: built-in defaults, a TOML file (C{--config PATH}),
-environment variables (C{TWISTAUTH_<KEY>}), command-line options, Python
+In rising precedence: built-in defaults, a TOML file (``--config PATH``),
+environment variables (``TWISTAUTH_<KEY>``), command-line options, Python
 keywords.  Every key is declared once, here, with its kind (how a value is
 checked and how a string is parsed) and its documentation; the command-line
-options, the configuration reference in C{docs/} and the validation all come
+options, the configuration reference in ``docs/`` and the validation all come
 from that declaration.
 
-A bad value never starts anything: L{Settings.load} raises L{SettingsError},
+A bad value never starts anything: `Settings.load` raises `SettingsError`,
 whose message names the key, the source it came from and what is allowed.
 """
 
@@ -43,8 +43,8 @@ class SettingsError(ValueError):
     """
     A setting is unknown, of the wrong type, or out of range.
 
-    @ivar key: the setting's name (or C{None} for a whole-source problem).
-    @ivar source: where the value came from, e.g. C{"config file a.toml"}.
+    :ivar key: the setting's name (or ``None`` for a whole-source problem).
+    :ivar source: where the value came from, e.g. ``"config file a.toml"``.
     """
 
     def __init__(self, key: Optional[str], source: str, message: str):
@@ -61,9 +61,9 @@ class SettingsError(ValueError):
 @attr.s(auto_attribs=True, frozen=True)
 class Kind:
     """
-    The type of a setting: C{check} takes a typed value (TOML, keywords),
-    C{parse} takes a string (environment, command line).  Both raise
-    L{ValueError} with a message that says what is allowed.
+    The type of a setting: ``check`` takes a typed value (TOML, keywords),
+    ``parse`` takes a string (environment, command line).  Both raise
+    `ValueError` with a message that says what is allowed.
     """
 
     allowed: str
@@ -165,7 +165,7 @@ def _module_name(text: str) -> str:
 
 def _callable_kind() -> Kind:
     """
-    A callable, given as C{"package.module:attribute"} in text sources or as
+    A callable, given as ``"package.module:attribute"`` in text sources or as
     the object itself in Python keywords.
     """
     allowed = "a callable given as 'package.module:name'"
@@ -198,8 +198,8 @@ def _callable_kind() -> Kind:
 
 def _secret_kind(length: int) -> Kind:
     """
-    A key of exactly C{length} random bytes, written as URL-safe base64, or
-    C{"file:PATH"} naming a file that holds it (keeps it off the command line).
+    A key of exactly ``length`` random bytes, written as URL-safe base64, or
+    ``"file:PATH"`` naming a file that holds it (keeps it off the command line).
     """
     allowed = (
         f"{length} random bytes in URL-safe base64 (make one with: python3 -c "
@@ -257,7 +257,7 @@ def setting(default: Any, kind: Kind, doc: str, *, example: Optional[str] = None
 @attr.s(frozen=True, kw_only=True, auto_attribs=True)
 class Settings:
     """
-    Every setting twistauth reads.  Build it with L{Settings.load}; the
+    Every setting twistauth reads.  Build it with `Settings.load`; the
     constructor does no validation of its own.
     """
 
@@ -322,7 +322,7 @@ class Settings:
         "with its duration and outcome.",
     )
     origins: Mapping[str, str] = attr.ib(factory=dict, eq=False, repr=False)
-    """Where each key's value came from, e.g. C{{"listen": "default"}}."""
+    """Where each key's value came from, e.g. ``{"listen": "default"}``."""
 
     @classmethod
     def keys(cls) -> Dict[str, "attr.Attribute[Any]"]:
@@ -343,13 +343,13 @@ class Settings:
         """
         Load settings from every source and validate them.
 
-        @param config_path: a TOML file, or C{None}.
-        @param environ: the environment to read C{TWISTAUTH_*} variables from
-            (C{None}: none are read; pass C{os.environ} to read the process's).
-        @param command_line: values from the command line, by key: strings,
+        :param config_path: a TOML file, or ``None``.
+        :param environ: the environment to read ``TWISTAUTH_*`` variables from
+            (``None``: none are read; pass ``os.environ`` to read the process's).
+        :param command_line: values from the command line, by key: strings,
             or lists of strings for repeatable keys.
-        @param keywords: typed values, the highest precedence.
-        @raise SettingsError: for anything unknown or invalid.
+        :param keywords: typed values, the highest precedence.
+        :raises SettingsError: for anything unknown or invalid.
         """
         declared = cls.keys()
         values: Dict[str, Any] = {}
@@ -397,7 +397,7 @@ class Settings:
 
     def describe(self, name: str) -> str:
         """
-        C{"value (source)"} for one key, for start-up log lines.  Secrets are
+        ``"value (source)"`` for one key, for start-up log lines.  Secrets are
         never shown.
         """
         value = getattr(self, name)
@@ -438,7 +438,7 @@ def documented_keys() -> Iterable[Tuple[str, str, str, Any, Optional[str]]]:
 
 def command_line_values(options: Mapping[str, Any]) -> Dict[str, Any]:
     """
-    The settings given in a parsed L{twistauth.tap.Options}, by key.
+    The settings given in a parsed `twistauth.tap.Options`, by key.
     """
     return {
         name: options[name]

@@ -1,9 +1,9 @@
 """
 The twistd plugin's options and service maker.
 
-Every setting is a command-line option (C{--max-body-bytes 1000}); options
-that take lists (C{--listen}) may be repeated.  Settings are loaded and
-validated in L{Options.postOptions}, so a bad value stops C{twistd} with a
+Every setting is a command-line option (``--max-body-bytes 1000``); options
+that take lists (``--listen``) may be repeated.  Settings are loaded and
+validated in `Options.postOptions`, so a bad value stops ``twistd`` with a
 message naming the key and the source before anything starts.
 """
 
@@ -20,7 +20,7 @@ from twistauth.settings import ENV_PREFIX, Settings, SettingsError, command_line
 
 class Options(usage.Options):
     """
-    C{twistd twistauth} options.
+    ``twistd twistauth`` options.
     """
 
     synopsis = "[options]"
@@ -72,11 +72,11 @@ for _name, _field in Settings.keys().items():
 
 def makeService(options: Any, reactor: Optional[Any] = None) -> IService:
     """
-    Build the twistauth service from parsed L{Options} (or any mapping with
-    a C{"settings"} key holding a L{Settings}).
+    Build the twistauth service from parsed `Options` (or any mapping with
+    a ``"settings"`` key holding a `Settings`).
 
-    @param reactor: the reactor to listen with and take time from; the
-        global reactor if C{None}.
+    :param reactor: the reactor to listen with and take time from; the
+        global reactor if ``None``.
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor

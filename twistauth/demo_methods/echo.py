@@ -1,5 +1,5 @@
 """
-C{echo}: answers its parameters unchanged.
+``echo``: answers its parameters unchanged.
 """
 
 from typing import Any, Dict

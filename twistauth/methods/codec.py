@@ -1,8 +1,8 @@
 """
 Body codecs: JSON (the default) and msgpack, with the limits a server needs.
 
-Decoding never raises anything but L{InvalidJSONError} or L{TooDeepError}:
-Python's C{json} raises C{RecursionError} near 1000 levels of nesting, so
+Decoding never raises anything but `InvalidJSONError` or `TooDeepError`:
+Python's ``json`` raises ``RecursionError`` near 1000 levels of nesting, so
 depth is checked before decoding (cheaply: a body with fewer opening brackets
 than the limit cannot be too deep).
 """
@@ -34,7 +34,7 @@ _json_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow
 
 def json_depth_exceeds(body: bytes, limit: int) -> bool:
     """
-    Whether the JSON text C{body} nests arrays and objects deeper than C{limit}.
+    Whether the JSON text ``body`` nests arrays and objects deeper than ``limit``.
     Brackets inside strings do not count.
     """
     if body.count(b"[") + body.count(b"{") <= limit:
@@ -71,9 +71,9 @@ class Codec:
 
     content_type: bytes
     decode: Callable[[bytes, int], Any]
-    """C{decode(body, max_depth)}: raises InvalidJSONError or TooDeepError."""
+    """``decode(body, max_depth)``: raises InvalidJSONError or TooDeepError."""
     encode: Callable[[Any], bytes]
-    """Raises C{TypeError} or C{ValueError} for values it cannot encode."""
+    """Raises ``TypeError`` or ``ValueError`` for values it cannot encode."""
 
 
 def _decode_json(body: bytes, max_depth: int) -> Any:
@@ -115,7 +115,7 @@ MSGPACK = Codec(MSGPACK_TYPE, _decode_msgpack, _encode_msgpack)
 def request_codec(content_type: Optional[bytes]) -> Codec:
     """
     The codec of a request body: msgpack when its Content-Type says so,
-    otherwise JSON (so C{curl -d '{...}'} works).
+    otherwise JSON (so ``curl -d '{...}'`` works).
     """
     if content_type is not None and content_type.split(b";", 1)[0].strip().lower() in _MSGPACK_NAMES:
         return MSGPACK
@@ -127,7 +127,7 @@ def response_codec(accept: Optional[bytes]) -> Codec:
     The codec of a response, from the request's Accept header: msgpack when
     it is asked for before JSON, JSON when it is acceptable or nothing is said.
 
-    @raise NotAcceptableError: the client accepts neither.
+    :raises NotAcceptableError: the client accepts neither.
     """
     if accept is None:
         return JSON

@@ -2,12 +2,12 @@
 Dispatch: run one call or a batch, and turn every outcome into an envelope.
 
 A method may return a value, a Deferred, or a coroutine.  Whatever it raises
-becomes an error envelope: a L{TwistauthError} answers with its own code; any
+becomes an error envelope: a `TwistauthError` answers with its own code; any
 other exception passes through the application's exception hook, and if the
 hook has no answer, becomes a 500 whose body carries only a correlation id
 (the traceback goes to the server log under that id).
 
-An outcome is C{(status, envelope, headers)}; a synchronous method gets its
+An outcome is ``(status, envelope, headers)``; a synchronous method gets its
 outcome without any Deferred being made, which keeps the hot path short.
 """
 
@@ -52,13 +52,13 @@ class Transaction:
     started: float
     duration: Optional[float] = None
     outcome: str = "ok"
-    """C{"ok"}, an error name, or C{"cancelled"}."""
+    """``"ok"``, an error name, or ``"cancelled"``."""
     code: Optional[int] = None
 
 
 def error_envelope(error: TwistauthError) -> Outcome:
     """
-    The outcome that answers with C{error}.
+    The outcome that answers with ``error``.
     """
     return (error.status, {"error": error.to_json()}, error.headers or None)
 

@@ -1,9 +1,9 @@
 """
 The request envelope: what a body must look like to be a call or a batch.
 
-A call is C{{"method": NAME, "parameters": {...}}} (C{parameters} may be
-left out); a batch is C{{"batch": {KEY: call, ...}}}.  Anything else is a
-L{InvalidEnvelopeError} whose message says what was wrong.  A malformed entry
+A call is ``{"method": NAME, "parameters": {...}}`` (``parameters`` may be
+left out); a batch is ``{"batch": {KEY: call, ...}}``.  Anything else is a
+`InvalidEnvelopeError` whose message says what was wrong.  A malformed entry
 of a batch fails on its own; the others still run.
 """
 
@@ -42,7 +42,7 @@ def parse_call(value: Any, where: str = "the body") -> Call:
     """
     Check one call.
 
-    @raise InvalidEnvelopeError: it is not a call.
+    :raises InvalidEnvelopeError: it is not a call.
     """
     if not isinstance(value, dict):
         raise InvalidEnvelopeError(f"{where} must be an object with a 'method'")
@@ -64,8 +64,8 @@ def parse_envelope(value: Any, max_batch_size: int) -> Union[Call, Batch]:
     """
     Check a decoded body.
 
-    @raise InvalidEnvelopeError: it is neither a call nor a batch.
-    @raise BatchTooLargeError: a batch has more than C{max_batch_size} calls.
+    :raises InvalidEnvelopeError: it is neither a call nor a batch.
+    :raises BatchTooLargeError: a batch has more than ``max_batch_size`` calls.
     """
     if isinstance(value, dict) and "batch" in value:
         if len(value) != 1:

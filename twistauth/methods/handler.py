@@ -1,5 +1,5 @@
 """
-What a method receives: the L{Handler} for its call, and the app's L{Services}.
+What a method receives: the `Handler` for its call, and the app's `Services`.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from twistauth.errors import TwistauthError
 class Services:
     """
     The application's shared parts, as methods see them.  Built once by
-    L{twistauth.app}; each later layer (sessions, bus, stores) adds a field.
+    `twistauth.app`; each later layer (sessions, bus, stores) adds a field.
     """
 
     clock: IReactorTime = attr.ib()
     settings: Any = attr.ib()
-    """The L{twistauth.settings.Settings} the app was built with."""
+    """The `twistauth.settings.Settings` the app was built with."""
     registry: Any = attr.ib()
-    """The L{twistauth.methods.registry.MethodRegistry}: for introspection."""
+    """The `twistauth.methods.registry.MethodRegistry`: for introspection."""
 
 
 @attr.s(slots=True)
@@ -32,11 +32,11 @@ class Handler:
     """
     The context of one method call (Toto's handler).
 
-    @ivar method: the method's name.
-    @ivar transaction_id: unique per call; also the correlation id of a 500.
-    @ivar request: the C{twisted.web} request, or C{None} outside HTTP.
-    @ivar services: the app's L{Services}.
-    @ivar session: the caller's session, or C{None}.
+    :ivar method: the method's name.
+    :ivar transaction_id: unique per call; also the correlation id of a 500.
+    :ivar request: the ``twisted.web`` request, or ``None`` outside HTTP.
+    :ivar services: the app's `Services`.
+    :ivar session: the caller's session, or ``None``.
     """
 
     method: str = attr.ib()
@@ -49,9 +49,9 @@ class Handler:
 
     def respond_later(self) -> "Deferred[Any]":
         """
-        For long-running methods (Toto's C{@asynchronous}): return the
-        Deferred this gives, and answer later with L{respond} or
-        L{respond_error}.  It is cancelled if the client goes away.
+        For long-running methods (Toto's ``@asynchronous``): return the
+        Deferred this gives, and answer later with `respond` or
+        `respond_error`.  It is cancelled if the client goes away.
         """
         if self._late is None:
             self._late = Deferred()
@@ -59,22 +59,22 @@ class Handler:
 
     def respond(self, result: Any = None) -> None:
         """
-        Answer a call that returned L{respond_later} with C{result}.
+        Answer a call that returned `respond_later` with ``result``.
         """
         if self._late is not None and not self._late.called:
             self._late.callback(result)
 
     def respond_error(self, error: Exception) -> None:
         """
-        Answer a call that returned L{respond_later} with an error.
+        Answer a call that returned `respond_later` with an error.
         """
         if self._late is not None and not self._late.called:
             self._late.errback(error)
 
     def on_connection_close(self, hook: Callable[[], Any]) -> None:
         """
-        Call C{hook()} if the client goes away before the call is answered
-        (Toto's C{on_connection_close}).  Cancellation of the method's
+        Call ``hook()`` if the client goes away before the call is answered
+        (Toto's ``on_connection_close``).  Cancellation of the method's
         Deferred happens as well; use this hook for anything else.
         """
         self._close_hooks.append(hook)

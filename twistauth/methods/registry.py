@@ -2,14 +2,14 @@
 The method registry: the only way a request reaches Python code.
 
 A name is looked up in a dictionary, never resolved through attributes
-(Toto's C{getattr} chains let C{a.__init__.__globals__} through).  Methods are
-added explicitly: by L{MethodRegistry.add}, by marking functions with
-L{method} in a module the registry loads, or as Toto-style method modules
-(a module C{<package>.account.create} with a function C{invoke}).
+(Toto's ``getattr`` chains let ``a.__init__.__globals__`` through).  Methods are
+added explicitly: by `MethodRegistry.add`, by marking functions with
+`method` in a module the registry loads, or as Toto-style method modules
+(a module ``<package>.account.create`` with a function ``invoke``).
 
-A method is called as C{function(handler, parameters)} when its second
-parameter is named C{parameters} (Toto's convention), and otherwise as
-C{function(handler, **parameters)}, in which case the parameters are checked
+A method is called as ``function(handler, parameters)`` when its second
+parameter is named ``parameters`` (Toto's convention), and otherwise as
+``function(handler, **parameters)``, in which case the parameters are checked
 against its signature (names, required ones, and simple type annotations).
 """
 
@@ -44,11 +44,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def method(name: str, **options: Any) -> Callable[[F], F]:
     """
-    Mark a function as the JSON method C{name}.  Marking registers nothing:
-    the function is registered when a L{MethodRegistry} loads its module
-    (the C{method_modules} setting) or adds it with L{MethodRegistry.add}.
+    Mark a function as the JSON method ``name``.  Marking registers nothing:
+    the function is registered when a `MethodRegistry` loads its module
+    (the ``method_modules`` setting) or adds it with `MethodRegistry.add`.
 
-    @param options: stored on the method for later layers (e.g. C{roles}).
+    :param options: stored on the method for later layers (e.g. ``roles``).
     """
     check_name(name)
 
@@ -61,7 +61,7 @@ def method(name: str, **options: Any) -> Callable[[F], F]:
 
 def check_name(name: str) -> str:
     """
-    A method name is dotted identifiers, none starting with C{_}.
+    A method name is dotted identifiers, none starting with ``_``.
     """
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(
@@ -80,7 +80,7 @@ class Parameter:
     name: str
     required: bool
     types: Optional[Tuple[type, ...]]
-    """Accepted Python types of the decoded value, or C{None} for any."""
+    """Accepted Python types of the decoded value, or ``None`` for any."""
     annotation: str
 
 
@@ -94,17 +94,17 @@ class Method:
     function: Callable[..., Any]
     doc: str
     takes_dict: bool
-    """Toto style: called as C{function(handler, parameters)}."""
+    """Toto style: called as ``function(handler, parameters)``."""
     parameters: Tuple[Parameter, ...]
     accepts_extra: bool
-    """The function has C{**kwargs}: unknown parameter names are passed on."""
+    """The function has ``**kwargs``: unknown parameter names are passed on."""
     options: Dict[str, Any] = attr.ib(factory=dict)
 
     def invoke(self, handler: Any, parameters: Dict[str, Any]) -> Any:
         """
-        Check C{parameters} and call the function.
+        Check ``parameters`` and call the function.
 
-        @raise InvalidParametersError: a missing, unknown or mistyped parameter.
+        :raises InvalidParametersError: a missing, unknown or mistyped parameter.
         """
         if self.takes_dict:
             return self.function(handler, parameters)
@@ -165,7 +165,7 @@ def _json_type(value: Any) -> str:
 
 def _types_for(annotation: Any) -> Optional[Tuple[type, ...]]:
     """
-    The decoded JSON types an annotation accepts, or C{None} to accept anything.
+    The decoded JSON types an annotation accepts, or ``None`` to accept anything.
     """
     if annotation in _SIMPLE_TYPES:
         return _SIMPLE_TYPES[annotation]
@@ -187,9 +187,9 @@ def describe_function(
     name: str, function: Callable[..., Any], options: Optional[Dict[str, Any]] = None
 ) -> Method:
     """
-    Inspect C{function} and build its L{Method}.
+    Inspect ``function`` and build its `Method`.
 
-    @raise TypeError: the function cannot be called as a method.
+    :raises TypeError: the function cannot be called as a method.
     """
     check_name(name)
     if not callable(function):
@@ -245,10 +245,10 @@ class MethodRegistry:
 
     def add(self, name: str, function: Callable[..., Any], **options: Any) -> Method:
         """
-        Register C{function} as the method C{name}.
+        Register ``function`` as the method ``name``.
 
-        @raise ValueError: the name is invalid or already taken.
-        @raise TypeError: the function cannot be called as a method.
+        :raises ValueError: the name is invalid or already taken.
+        :raises TypeError: the function cannot be called as a method.
         """
         if name in self._methods:
             existing = self._methods[name].function
@@ -273,11 +273,11 @@ class MethodRegistry:
     def load(self, module_name: str) -> List[str]:
         """
         Register the methods of a module and, if it is a package, of every
-        module below it: functions marked with L{method}, and Toto-style
-        method modules (C{invoke} in a module named after the method).
+        module below it: functions marked with `method`, and Toto-style
+        method modules (``invoke`` in a module named after the method).
 
-        @return: the names registered, in order.
-        @raise ImportError: the module cannot be imported.
+        :return: the names registered, in order.
+        :raises ImportError: the module cannot be imported.
         """
         root = importlib.import_module(module_name)
         modules: List[Tuple[Optional[str], ModuleType]] = [(None, root)]
@@ -300,7 +300,7 @@ class MethodRegistry:
 
     def get(self, name: str) -> Method:
         """
-        @raise UnknownMethodError: nothing is registered under C{name}.
+        :raises UnknownMethodError: nothing is registered under ``name``.
         """
         try:
             return self._methods[name]
@@ -309,7 +309,7 @@ class MethodRegistry:
 
     def lookup(self, name: str) -> Optional[Method]:
         """
-        The method called C{name}, or C{None}: the fast path of dispatch.
+        The method called ``name``, or ``None``: the fast path of dispatch.
         """
         return self._methods.get(name)
 

@@ -1,11 +1,11 @@
 """
-The JSON-method endpoint: C{POST /api}.
+The JSON-method endpoint: ``POST /api``.
 
-A plain C{twisted.web} resource rather than a Klein route: this is the hot
+A plain ``twisted.web`` resource rather than a Klein route: this is the hot
 path, and it needs none of Klein's routing.  It reads the body, decodes it
 (JSON or msgpack), checks the envelope, dispatches, and encodes the answer in
-the format the client accepts.  C{GET} lists the registered methods;
-C{HEAD} answers the headers a C{POST} would, and runs nothing.
+the format the client accepts.  ``GET`` lists the registered methods;
+``HEAD`` answers the headers a ``POST`` would, and runs nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ _ALLOW = b"GET, HEAD, POST"
 
 class APIResource(Resource):
     """
-    Serves JSON methods through a L{Dispatcher}.
+    Serves JSON methods through a `Dispatcher`.
     """
 
     isLeaf = True

@@ -1,8 +1,8 @@
 """
 The Klein routes: every page and endpoint except the JSON-method hot path.
 
-Each feature adds its routes to the one L{Klein} app built by
-L{make_routes}.  Errors answer in the JSON error envelope, never with a
+Each feature adds its routes to the one `Klein` app built by
+`make_routes`.  Errors answer in the JSON error envelope, never with a
 traceback.
 """
 
@@ -24,7 +24,7 @@ log = Logger()
 
 def error_response(request: Any, error: TwistauthError) -> bytes:
     """
-    Answer C{request} with C{error} in the JSON envelope.
+    Answer ``request`` with ``error`` in the JSON envelope.
     """
     request.setResponseCode(error.status)
     request.setHeader(b"content-type", b"application/json")

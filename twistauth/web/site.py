@@ -1,16 +1,16 @@
 """
-The HTTP server: a L{Site} that defends itself.
+The HTTP server: a `Site` that defends itself.
 
 Twisted reads any request body whole (into memory, then a temporary file)
 and stops its idle timeout while a request is handled.  This site adds:
 
-  - a body limit checked when the headers arrive (C{Content-Length}) and
+  - a body limit checked when the headers arrive (``Content-Length``) and
     while chunked bodies stream in: 413 in the error envelope, then the
     connection is closed without reading the rest;
   - a deadline for receiving each request's headers and body (slowloris):
     408, then close;
   - a cap on open connections per client address;
-  - no form parsing of POST bodies (C{parsePOSTFormSubmission=False}): it
+  - no form parsing of POST bodies (``parsePOSTFormSubmission=False``): it
     costs ~44 µs a request and twistauth parses the one form it takes itself.
 """
 
@@ -139,10 +139,10 @@ class GuardedChannel(HTTPChannel):
 
 class TwistauthSite(Site):
     """
-    The twistauth L{Site}.
+    The twistauth `Site`.
 
-    @ivar clock: the clock deadlines are kept on.
-    @ivar request_timeout: seconds a request's headers and body may take.
+    :ivar clock: the clock deadlines are kept on.
+    :ivar request_timeout: seconds a request's headers and body may take.
     """
 
     requestFactory = GuardedRequest

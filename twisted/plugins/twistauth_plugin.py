@@ -1,8 +1,8 @@
 """
-The twistd plugin: C{twistd -n twistauth}.
+The twistd plugin: ``twistd -n twistauth``.
 
-It names L{twistauth.tap} as a string, so scanning plugins imports nothing
-heavy and installs no reactor (C{twistd --reactor=asyncio} keeps working).
+It names `twistauth.tap` as a string, so scanning plugins imports nothing
+heavy and installs no reactor (``twistd --reactor=asyncio`` keeps working).
 """
 
 from twisted.application.service import ServiceMaker

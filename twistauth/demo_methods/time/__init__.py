@@ -1,3 +1,3 @@
 """
-The C{time.*} demo methods.
+The ``time.*`` demo methods.
 """

@@ -1,5 +1,5 @@
 """
-C{time.now}: the server's clock.
+``time.now``: the server's clock.
 """
 
 from typing import Any, Dict

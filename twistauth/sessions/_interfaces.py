@@ -1,0 +1,260 @@
+"""
+The session model and the session-cache contract.
+
+A `Session` is dict-like state plus who is logged in.  It records which
+of its keys changed since it was loaded, so a server-side cache can save
+only the difference: two concurrent requests that change different keys of
+one session both keep their change.
+
+An `ISessionCache` keeps sessions.  Every operation answers through a
+Deferred, whatever the backend (memory answers with ``succeed``), so callers
+never branch on the backend.  A backend that cannot be reached fails the
+Deferred with `twistauth.errors.BackendUnavailableError` (503): an outage is
+never mistaken for "no such session", so nobody is logged out by it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, FrozenSet, Iterator, MutableMapping, Optional, Set
+
+import attr
+from zope.interface import Attribute, Interface
+
+
+
+@attr.s(kw_only=True, eq=False, repr=False)
+class Session(MutableMapping[str, Any]):
+    """
+    One session.
+
+    Mapping access (``session["cart"] = [...]``) reads and writes the
+    JSON-serialisable application state; the attributes below are the
+    session's own fields.  Change fields through the methods that record the
+    change (`log_in`, `log_out`, `set_roles`), never by assignment.
+
+    :ivar id: the session's identifier: at least 128 random bits, URL-safe
+        text.  Never log it.  For client-side sessions it is not what the
+        client holds (that is the sealed blob) but it still names the session
+        for revocation.
+    :ivar user_id: who is logged in, or ``None`` for an anonymous session.
+    :ivar roles: the user's roles while logged in.
+    :ivar created: when the session was created (clock seconds): the start of
+        its absolute lifetime.
+    :ivar last_seen: when it was last used: the start of its idle timeout.
+    :ivar authenticated_at: when the user logged in, or ``None``.
+    :ivar permanent: the user asked to be remembered: the cookie outlives the
+        browser (the server-side timeouts hold either way).
+    :ivar issuer: the OpenID provider's issuer, for sessions from an OIDC login.
+    :ivar provider_sid: the provider's ``sid`` claim, for back-channel logout.
+    :ivar csrf_token: a per-session secret for double-submit CSRF protection;
+        renewed with the id.
+    :ivar signing_key: a per-session HMAC key (URL-safe base64) when the
+        session signs its requests, else ``None``.
+    :ivar version: incremented by every save: lets a cache detect writes it
+        has not seen.
+    """
+
+    id: str = attr.ib()
+    created: float = attr.ib()
+    last_seen: float = attr.ib()
+    user_id: Optional[str] = attr.ib(default=None)
+    roles: FrozenSet[str] = attr.ib(default=frozenset(), converter=frozenset)
+    authenticated_at: Optional[float] = attr.ib(default=None)
+    permanent: bool = attr.ib(default=False)
+    issuer: Optional[str] = attr.ib(default=None)
+    provider_sid: Optional[str] = attr.ib(default=None)
+    csrf_token: str = attr.ib(default="")
+    signing_key: Optional[str] = attr.ib(default=None)
+    version: int = attr.ib(default=0)
+    _data: Dict[str, Any] = attr.ib(factory=dict, alias="data")
+    _changed: Set[str] = attr.ib(factory=set, init=False)
+    _deleted: Set[str] = attr.ib(factory=set, init=False)
+    _fields_changed: bool = attr.ib(default=False, init=False)
+
+    # -- the application state ------------------------------------------
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._data[key] = value
+        self._changed.add(key)
+        self._deleted.discard(key)
+
+    def __delitem__(self, key: str) -> None:
+        del self._data[key]
+        self._deleted.add(key)
+        self._changed.discard(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    @property
+    def data(self) -> Dict[str, Any]:
+        """
+        A copy of the application state.
+        """
+        return dict(self._data)
+
+    # -- the session's own fields ----------------------------------------
+
+    @property
+    def authenticated(self) -> bool:
+        return self.user_id is not None
+
+    def log_in(
+        self,
+        user_id: str,
+        roles: Any = (),
+        *,
+        now: float,
+        permanent: bool = False,
+        issuer: Optional[str] = None,
+        provider_sid: Optional[str] = None,
+    ) -> None:
+        """
+        Bind the session to a user.  The caller must also give it a new id
+        (`ISessionCache.renew`): an id from before login never survives it.
+        """
+        self.user_id = user_id
+        self.roles = frozenset(roles)
+        self.authenticated_at = now
+        self.permanent = permanent
+        self.issuer = issuer
+        self.provider_sid = provider_sid
+        self._fields_changed = True
+
+    def set_roles(self, roles: Any) -> None:
+        self.roles = frozenset(roles)
+        self._fields_changed = True
+
+    def set_signing_key(self, key: Optional[str]) -> None:
+        self.signing_key = key
+        self._fields_changed = True
+
+    # -- for caches ------------------------------------------------------
+
+    @property
+    def dirty(self) -> bool:
+        """
+        Whether anything changed since the session was loaded or saved.
+        """
+        return bool(self._changed or self._deleted or self._fields_changed)
+
+    def changes(self) -> Dict[str, Any]:
+        """
+        The changed keys of the state with their new values: what
+        a cache writes.  Deleted keys are in `deleted_keys`.
+        """
+        return {key: self._data[key] for key in self._changed}
+
+    def deleted_keys(self) -> Set[str]:
+        return set(self._deleted)
+
+    def fields_changed(self) -> bool:
+        return self._fields_changed
+
+    def mark_saved(self) -> None:
+        """
+        Forget the recorded changes (a cache calls this after a save).
+        """
+        self._changed.clear()
+        self._deleted.clear()
+        self._fields_changed = False
+
+    def fields(self) -> Dict[str, Any]:
+        """
+        The session's own fields as JSON-serialisable values, for storage.
+        """
+        return {
+            "id": self.id,
+            "created": self.created,
+            "last_seen": self.last_seen,
+            "user_id": self.user_id,
+            "roles": sorted(self.roles),
+            "authenticated_at": self.authenticated_at,
+            "permanent": self.permanent,
+            "issuer": self.issuer,
+            "provider_sid": self.provider_sid,
+            "csrf_token": self.csrf_token,
+            "signing_key": self.signing_key,
+            "version": self.version,
+        }
+
+    def __repr__(self) -> str:
+        # Never the id: reprs end up in logs.
+        return f"<Session user={self.user_id!r} keys={sorted(self._data)!r}>"
+
+
+class ISessionCache(Interface):
+    """
+    Keeps sessions.  Every method answers with a Deferred; a backend that
+    cannot be reached fails it with
+    `twistauth.errors.BackendUnavailableError`.
+
+    A *token* is what the client holds: the session id for server-side
+    caches, the sealed session for the client-side cache.
+    """
+
+    name: str = Attribute('The kind of cache: ``"memory"``, ``"redis"`` or ``"client"``.')
+
+    def create(permanent: bool = False) -> Any:
+        """
+        A new anonymous session with a fresh id and CSRF token.  Nothing is
+        stored until it is saved.
+
+        :return: Deferred firing with the `Session`.
+        """
+
+    def load(token: str) -> Any:
+        """
+        The session a token names, if it is live: known, not deleted or
+        revoked, within its idle and absolute timeouts, not tampered with.
+        Loading records the use (``last_seen``) when the cache needs to.
+
+        :return: Deferred firing with the `Session` or ``None``.
+        """
+
+    def save(session: Session) -> Any:
+        """
+        Store the session's changes.  A session that was deleted (logged out)
+        meanwhile is not brought back: the save is dropped and answers
+        ``None``.
+
+        :return: Deferred firing with the token to give the client (it may
+            change at every save for client-side sessions), or ``None``.
+        """
+
+    def renew(session: Session) -> Any:
+        """
+        Give the session a new id and CSRF token, keeping its state, and
+        make the old id unusable (fixation defence: call on login and on
+        every privilege change).  The renewed session is saved.
+
+        :return: Deferred firing with the new token.
+        """
+
+    def delete(session: Session) -> Any:
+        """
+        End the session: its token stops working everywhere.
+
+        :return: Deferred firing with ``None``.
+        """
+
+    def delete_user(user_id: str) -> Any:
+        """
+        End every session of a user ("log out everywhere").
+
+        :return: Deferred firing with how many ended (client-side: -1, unknown).
+        """
+
+    def delete_provider_session(issuer: str, provider_sid: str) -> Any:
+        """
+        End every session bound to an OpenID provider session (back-channel
+        logout with a ``sid``).
+
+        :return: Deferred firing with how many ended (client-side: -1, unknown).
+        """
