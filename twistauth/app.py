@@ -25,7 +25,11 @@ from twistauth.settings import Settings
 from twistauth.web.api import APIResource
 from twistauth.web.root import RootResource
 from twistauth.web.routes import make_routes
+from twistauth.sessions import ClientSessionCache, MemoryRevocations, MemorySessionCache
+from twistauth.sessions._interfaces import ISessionCache
+from twistauth.web.signing import MemoryNonceStore
 from twistauth.web.site import TwistauthSite
+from twistauth.web.transport import SessionTransport
 
 log = Logger()
 
@@ -67,6 +71,38 @@ class TwistauthApp:
         )
 
 
+def make_session_cache(settings: Settings, clock: IReactorTime) -> ISessionCache:
+    """
+    The session cache the settings choose.
+    """
+    common = {
+        "clock": clock,
+        "idle_timeout": settings.session_idle_timeout,
+        "absolute_timeout": settings.session_absolute_timeout,
+    }
+    if settings.session_cache == "memory":
+        cache: ISessionCache = MemorySessionCache(
+            max_entries=settings.session_max_entries, **common
+        )
+    elif settings.session_cache == "client":
+        cache = ClientSessionCache(
+            keys=settings.session_keys,
+            revocations=MemoryRevocations(clock=clock),
+            carrier_name=settings.session_cookie_name,
+            **common,
+        )
+    else:
+        raise NotImplementedError("Redis session caches are wired in the next step")
+    log.info(
+        "twistauth: sessions: {kind} cache, idle {idle:g} s, absolute {absolute:g} s ({origin})",
+        kind=cache.name,
+        idle=settings.session_idle_timeout,
+        absolute=settings.session_absolute_timeout,
+        origin=settings.origins.get("session_cache", "default"),
+    )
+    return cache
+
+
 def make_app(
     settings: Optional[Settings] = None,
     *,
@@ -100,7 +136,9 @@ def make_app(
             module=module,
             origin=settings.origins.get("method_modules", "default"),
         )
-    services = Services(clock=clock, settings=settings, registry=registry)
+    sessions = make_session_cache(settings, clock)
+    registry.load("twistauth.methods.builtin")
+    services = Services(clock=clock, settings=settings, registry=registry, sessions=sessions)
     dispatcher = Dispatcher(
         registry,
         services,
@@ -113,6 +151,16 @@ def make_app(
         max_body_bytes=settings.max_body_bytes,
         max_batch_size=settings.max_batch_size,
         max_json_depth=settings.max_json_depth,
+        sessions=sessions,
+        transport=SessionTransport(
+            cookie_name=settings.session_cookie_name,
+            secure=settings.session_cookie_secure,
+            allowed_origins=settings.allowed_origins,
+            idle_timeout=settings.session_idle_timeout,
+            absolute_timeout=settings.session_absolute_timeout,
+            permanent_lifetime=settings.session_permanent_lifetime,
+        ),
+        nonces=MemoryNonceStore(clock),
     )
     log.info(
         "twistauth: JSON methods at {path}: bodies up to {size} bytes, batches up to "

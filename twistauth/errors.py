@@ -6,7 +6,7 @@ numeric ``code``, a stable ``name``, and the HTTP status that fits it.  A code
 is the HTTP status times 100 plus a number, so it tells its status at a
 glance, and new codes never renumber old ones.  Numbers by area: 0-19 the
 protocol and server, 20-39 sessions and transport, 40-59 accounts, 60-69 the
-bus and waiters, 70-99 OpenID Connect.  Areas define their errors in their own
+bus and waiters, 70-89 OpenID Connect, and 90-99 are left to applications.  Areas define their errors in their own
 modules, as subclasses of `TwistauthError`; `all_errors` finds them all.  The table in
 ``docs/protocol.rst`` is generated from `all_errors`; a test keeps the two in
 step.

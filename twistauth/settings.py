@@ -18,6 +18,7 @@ import base64
 import difflib
 import importlib
 import sys
+from functools import partial
 from typing import (
     Any,
     Callable,
@@ -118,10 +119,17 @@ def _check_str(value: Any) -> str:
 def _path_kind() -> Kind:
     def check(value: Any) -> str:
         value = _check_str(value)
-        if not value.startswith("/") or value.endswith("/") or "?" in value or "#" in value:
+        if (
+            not value.startswith("/")
+            or value.endswith("/")
+            or "?" in value
+            or "#" in value
+            or "//" in value
+            or not all("!" <= c <= "~" for c in value)
+        ):
             raise ValueError(
-                f"expected an absolute URL path such as '/api' (no trailing '/', "
-                f"query or fragment), got {value!r}"
+                f"expected an absolute URL path such as '/api' (printable ASCII, no "
+                f"empty segment, trailing '/', query or fragment), got {value!r}"
             )
         return value
 
@@ -178,11 +186,11 @@ def _callable_kind() -> Kind:
             target: Any = importlib.import_module(_module_name(module_name))
             for part in attribute.split("."):
                 target = getattr(target, part)
-        except (ImportError, AttributeError) as e:
+        except Exception as e:  # any import failure is a bad setting
             raise ValueError(f"cannot import {text!r}: {e}") from None
         if not callable(target):
             raise ValueError(f"{text!r} is not callable")
-        return target  # type: ignore[no-any-return]
+        return target
 
     def check(value: Any) -> Optional[Callable[..., Any]]:
         if value is None:
@@ -191,7 +199,7 @@ def _callable_kind() -> Kind:
             return parse(value)
         if not callable(value):
             raise ValueError(f"expected {allowed}, got {value!r}")
-        return value  # type: ignore[no-any-return]
+        return value
 
     return Kind(allowed, check, parse)
 
@@ -235,12 +243,86 @@ def _secret_kind(length: int) -> Kind:
     return Kind(allowed, check, parse)
 
 
+def _bool_kind() -> Kind:
+    words = {
+        "true": True,
+        "yes": True,
+        "on": True,
+        "1": True,
+        "false": False,
+        "no": False,
+        "off": False,
+        "0": False,
+    }
+
+    def check(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+
+    def parse(text: str) -> bool:
+        try:
+            return words[text.strip().lower()]
+        except KeyError:
+            raise ValueError(
+                f"expected true or false (or yes/no, on/off, 1/0), got {text!r}"
+            ) from None
+
+    return Kind("true or false", check, parse)
+
+
+def _choice_or_url_kind(choices: Sequence[str], schemes: Sequence[str]) -> Kind:
+    allowed = (
+        " or ".join(repr(c) for c in choices)
+        + " or a URL starting "
+        + " or ".join(repr(s + "://") for s in schemes)
+    )
+
+    def check(value: Any) -> str:
+        value = _check_str(value)
+        if value in choices or any(value.startswith(s + "://") for s in schemes):
+            return value
+        raise ValueError(f"expected {allowed}, got {value!r}")
+
+    return Kind(allowed, check, check)
+
+
+def _origin(text: str) -> str:
+    scheme, sep, rest = text.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest or "/" in rest or "*" in rest:
+        raise ValueError(f"expected an origin such as 'https://app.example', got {text!r}")
+    return text
+
+
+def _cookie_name(text: str) -> str:
+    if not text or not all(c.isalnum() or c in "_-" for c in text) or text.startswith("__"):
+        raise ValueError(
+            f"expected a cookie name of letters, digits, '_' and '-' (the '__Host-' "
+            f"prefix is added when secure), got {text!r}"
+        )
+    return text
+
+
+def _keys_kind(single: Kind) -> Kind:
+    def check(value: Any) -> Tuple[bytes, ...]:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list of {single.allowed}, got a {type(value).__name__}")
+        return tuple(single.check(v) for v in value)
+
+    def parse(text: str) -> Tuple[bytes, ...]:
+        return tuple(single.parse(part) for part in text.split(",") if part.strip())
+
+    return Kind(f"a list, newest first, of keys: {single.allowed}", check, parse, repeatable=True)
+
+
 INT_BYTES = _int_kind(1, 16 * 1024 * 1024)
 API_PATH = _path_kind()
 ENDPOINTS = _list_kind(_endpoint, "Twisted server endpoint strings")
 MODULES = _list_kind(_module_name, "dotted module names")
 CALLABLE = _callable_kind()
 KEY32 = _secret_kind(32)
+BOOL = _bool_kind()
+SECONDS = _float_kind(1, 10 * 365 * 86400)
 
 
 def setting(default: Any, kind: Kind, doc: str, *, example: Optional[str] = None) -> Any:
@@ -285,7 +367,9 @@ class Settings:
         32, _int_kind(1, 1000), "Most calls one batch may hold (more: 413)."
     )
     max_json_depth: int = setting(
-        32, _int_kind(2, 256), "Deepest nesting of arrays and objects a request may have (deeper: 400)."
+        32,
+        _int_kind(2, 256),
+        "Deepest nesting of arrays and objects a request may have (deeper: 400).",
     )
     request_timeout: float = setting(
         30.0,
@@ -304,6 +388,53 @@ class Settings:
         "The deployment's secret (32 bytes, base64url, or 'file:PATH').  "
         "Unset: a random key per process, which only suits one process.",
         example="file:/etc/twistauth/deployment.key",
+    )
+    session_cache: str = setting(
+        "memory",
+        _choice_or_url_kind(("memory", "client"), ("redis", "redis-sentinel")),
+        "Where sessions live: 'memory' (one process), 'client' (sealed in the "
+        "cookie or header; needs session_keys), or a Redis URL "
+        "('redis://[:password@]host:port/db', 'redis-sentinel://host:port,.../service').",
+        example="redis://127.0.0.1:6379/0",
+    )
+    session_cookie_name: str = setting(
+        "twistauth_session",
+        Kind("a cookie name", lambda v: _cookie_name(_check_str(v)), _cookie_name),
+        "The session cookie's name ('__Host-' is prepended when secure; the CSRF "
+        "cookie is this name plus '_csrf').",
+    )
+    session_cookie_secure: bool = setting(
+        True,
+        BOOL,
+        "Send the cookies with Secure and the __Host- prefix.  Switch off only "
+        "for development over plain HTTP on a host other than localhost.",
+    )
+    session_idle_timeout: float = setting(
+        1800.0, SECONDS, "A session unused this many seconds ends."
+    )
+    session_absolute_timeout: float = setting(
+        43200.0, SECONDS, "A session ends this many seconds after it began, however used."
+    )
+    session_permanent_lifetime: float = setting(
+        14 * 86400.0,
+        SECONDS,
+        "Max-Age of a 'remember me' cookie (the server-side timeouts still hold).",
+    )
+    session_keys: Tuple[bytes, ...] = setting(
+        (),
+        _keys_kind(KEY32),
+        "Keys that seal client-side sessions, newest first: the newest seals, any "
+        "opens.  Rotate by adding a key in front; drop the oldest later.",
+        example="file:/etc/twistauth/session-2026.key",
+    )
+    session_max_entries: int = setting(
+        100_000, _int_kind(1, 100_000_000), "Most sessions the memory cache keeps (LRU)."
+    )
+    allowed_origins: Tuple[str, ...] = setting(
+        (),
+        _list_kind(_origin, "origins"),
+        "Other origins allowed to call with credentials (CORS) besides the server's own.",
+        example="https://app.example",
     )
     exception_hook: Optional[Callable[..., Any]] = setting(
         None,
@@ -325,7 +456,7 @@ class Settings:
     """Where each key's value came from, e.g. ``{"listen": "default"}``."""
 
     @classmethod
-    def keys(cls) -> Dict[str, "attr.Attribute[Any]"]:
+    def keys(cls) -> Dict[str, attr.Attribute[Any]]:
         """
         The declared settings, by name, in declaration order.
         """
@@ -339,7 +470,7 @@ class Settings:
         environ: Optional[Mapping[str, str]] = None,
         command_line: Optional[Mapping[str, Any]] = None,
         **keywords: Any,
-    ) -> "Settings":
+    ) -> Settings:
         """
         Load settings from every source and validate them.
 
@@ -370,13 +501,13 @@ class Settings:
         if config_path is not None:
             source = f"config file {config_path}"
             for name, value in _read_toml(config_path, source).items():
-                take(name, source, lambda kind, v=value: kind.check(v))
+                take(name, source, partial(_check, value=value))
 
         for variable, text in sorted((environ or {}).items()):
             if not variable.startswith(ENV_PREFIX) or variable == ENV_PREFIX + "CONFIG":
                 continue
             name = variable[len(ENV_PREFIX) :].lower()
-            take(name, f"environment variable {variable}", lambda kind, t=text: kind.parse(t))
+            take(name, f"environment variable {variable}", partial(_parse, text=text))
 
         for name, given in (command_line or {}).items():
             if given is None:
@@ -391,9 +522,29 @@ class Settings:
             take(name, source, from_text)
 
         for name, value in keywords.items():
-            take(name, "Python keyword", lambda kind, v=value: kind.check(v))
+            take(name, "Python keyword", partial(_check, value=value))
 
-        return cls(origins=origins, **values)
+        settings = cls(origins=origins, **values)
+        settings._check_together()
+        return settings
+
+    def _check_together(self) -> None:
+        """
+        Rules that span several keys.
+        """
+        if self.session_cache == "client" and not self.session_keys:
+            raise SettingsError(
+                "session_cache",
+                self.origins["session_cache"],
+                "session_cache = 'client' needs at least one key in session_keys "
+                "(32 random bytes, base64url, or 'file:PATH')",
+            )
+        if self.session_idle_timeout > self.session_absolute_timeout:
+            raise SettingsError(
+                "session_idle_timeout",
+                self.origins["session_idle_timeout"],
+                f"must not exceed session_absolute_timeout ({self.session_absolute_timeout:g} s)",
+            )
 
     def describe(self, name: str) -> str:
         """
@@ -401,8 +552,10 @@ class Settings:
         never shown.
         """
         value = getattr(self, name)
-        if isinstance(value, bytes):
-            shown = "set"
+        if isinstance(value, bytes) or (
+            isinstance(value, tuple) and value and isinstance(value[0], bytes)
+        ):
+            shown = f"{len(value) if isinstance(value, tuple) else 1} key(s) set"
         elif isinstance(value, tuple):
             shown = ", ".join(value)
         elif callable(value):
@@ -412,13 +565,21 @@ class Settings:
         return f"{shown} ({self.origins.get(name, 'default')})"
 
 
+def _check(kind: Kind, value: Any) -> Any:
+    return kind.check(value)
+
+
+def _parse(kind: Kind, text: str) -> Any:
+    return kind.parse(text)
+
+
 def _read_toml(path: str, source: str) -> Dict[str, Any]:
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except OSError as e:
         raise SettingsError(None, source, f"cannot be read: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SettingsError(None, source, f"is not valid TOML: {e}") from None
     for name, value in data.items():
         if isinstance(value, dict):
@@ -440,11 +601,7 @@ def command_line_values(options: Mapping[str, Any]) -> Dict[str, Any]:
     """
     The settings given in a parsed `twistauth.tap.Options`, by key.
     """
-    return {
-        name: options[name]
-        for name in Settings.keys()
-        if options.get(name) not in (None, [])
-    }
+    return {name: options[name] for name in Settings.keys() if options.get(name) not in (None, [])}
 
 
 __all__: Sequence[str] = [

@@ -10,6 +10,7 @@ than the limit cannot be too deep).
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any, Callable, Optional
 
@@ -22,13 +23,32 @@ JSON_TYPE = b"application/json"
 MSGPACK_TYPE = b"application/msgpack"
 _MSGPACK_NAMES = (b"application/msgpack", b"application/x-msgpack", b"application/vnd.msgpack")
 _TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_INT_RANGE = (-(2**63), 2**64 - 1)
+"""Integers a request may hold: what msgpack can carry, so any request value can be answered."""
 
 
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_json_decode = json.JSONDecoder(parse_constant=_no_constants).decode
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return number
+
+
+def _bounded_int(text: str) -> int:
+    number = int(text)
+    if not _INT_RANGE[0] <= number <= _INT_RANGE[1]:
+        raise ValueError(f"the integer {text[:40]}... is out of range (64 bits at most)")
+    return number
+
+
+_json_decode = json.JSONDecoder(
+    parse_constant=_no_constants, parse_float=_finite_float, parse_int=_bounded_int
+).decode
 _json_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
@@ -51,16 +71,36 @@ def json_depth_exceeds(body: bytes, limit: int) -> bool:
     return False
 
 
-def _structure_depth_exceeds(value: Any, limit: int) -> bool:
+def _check_structure(value: Any, limit: int) -> None:
+    """
+    Check a decoded msgpack value: nesting within ``limit``, and only what
+    JSON can say (string keys; no binary, extension or non-finite values), so
+    methods see the same data whichever format a client speaks.
+
+    :raises TooDeepError: nested too deeply.
+    :raises InvalidJSONError: a value JSON has no form for.
+    """
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, (list, dict)):
             if depth > limit:
-                return True
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return False
+                raise TooDeepError(
+                    f"the body nests arrays and maps deeper than {limit} levels"
+                )
+            if isinstance(item, dict):
+                if not all(type(key) is str for key in item):
+                    raise InvalidJSONError("the body has a map key that is not a string")
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise InvalidJSONError("the body holds a NaN or infinite number")
+        elif item is not None and not isinstance(item, (str, int)):
+            raise InvalidJSONError(
+                f"the body holds a msgpack {type(item).__name__}; only JSON's types are accepted"
+            )
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -81,7 +121,13 @@ def _decode_json(body: bytes, max_depth: int) -> Any:
         raise TooDeepError(f"the body nests arrays and objects deeper than {max_depth} levels")
     try:
         text = body.decode("utf-8")
-        return _json_decode(text)
+        value = _json_decode(text)
+        if _SURROGATE_ESCAPE.search(body) is not None:
+            # "\ud800" alone decodes to a str that cannot be encoded again.
+            _json_encode(value).encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        raise InvalidJSONError("the body holds a lone UTF-16 surrogate escape") from None
     except UnicodeDecodeError:
         raise InvalidJSONError("the body is not UTF-8") from None
     except ValueError as e:
@@ -96,16 +142,15 @@ def _encode_json(value: Any) -> bytes:
 
 def _decode_msgpack(body: bytes, max_depth: int) -> Any:
     try:
-        value = msgpack.unpackb(body, raw=False, strict_map_key=True, max_buffer_size=len(body))
+        value = msgpack.unpackb(body, raw=False, strict_map_key=True)
     except (ValueError, TypeError, msgpack.UnpackException) as e:
         raise InvalidJSONError(f"the body is not valid msgpack: {e}") from None
-    if _structure_depth_exceeds(value, max_depth):
-        raise TooDeepError(f"the body nests arrays and maps deeper than {max_depth} levels")
+    _check_structure(value, max_depth)
     return value
 
 
 def _encode_msgpack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+    return msgpack.packb(value, use_bin_type=True)
 
 
 JSON = Codec(JSON_TYPE, _decode_json, _encode_json)
@@ -117,7 +162,10 @@ def request_codec(content_type: Optional[bytes]) -> Codec:
     The codec of a request body: msgpack when its Content-Type says so,
     otherwise JSON (so ``curl -d '{...}'`` works).
     """
-    if content_type is not None and content_type.split(b";", 1)[0].strip().lower() in _MSGPACK_NAMES:
+    if (
+        content_type is not None
+        and content_type.split(b";", 1)[0].strip().lower() in _MSGPACK_NAMES
+    ):
         return MSGPACK
     return JSON
 

@@ -75,7 +75,7 @@ class Dispatcher:
     before_hook: Optional[Callable[[Transaction], Any]] = attr.ib(default=None)
     after_hook: Optional[Callable[[Transaction], Any]] = attr.ib(default=None)
     _prefix: str = attr.ib(factory=lambda: secrets.token_hex(4))
-    _counter: "itertools.count[int]" = attr.ib(factory=itertools.count)
+    _counter: itertools.count[int] = attr.ib(factory=itertools.count)
 
     def next_id(self) -> str:
         """
@@ -84,7 +84,7 @@ class Dispatcher:
         return f"{self._prefix}-{next(self._counter)}"
 
     def run(
-        self, call: Call, request: Any = None, session: Any = None, batch_key: Optional[str] = None
+        self, call: Call, request: Any = None, scope: Any = None, batch_key: Optional[str] = None
     ) -> MaybeOutcome:
         """
         Run one call.  Never raises; never fails the Deferred it may return
@@ -93,7 +93,7 @@ class Dispatcher:
         method = self.registry.lookup(call.method)
         if method is None:
             return error_envelope(UnknownMethodError(f"no method named {call.method[:100]!r}"))
-        handler = Handler(call.method, self.next_id(), request, self.services, session)
+        handler = Handler(call.method, self.next_id(), request, self.services, scope)
         transaction = None
         if self.before_hook is not None or self.after_hook is not None:
             transaction = Transaction(
@@ -105,7 +105,7 @@ class Dispatcher:
         except Exception as e:
             return self._finish(transaction, self._failed(handler, e))
         if isinstance(result, Deferred) or inspect.iscoroutine(result):
-            d: "Deferred[Any]" = ensureDeferred(result)
+            d: Deferred[Any] = ensureDeferred(result)
             d.addCallbacks(
                 lambda value: self._finish(transaction, (200, {"result": value}, None)),
                 lambda failure: self._async_failed(transaction, handler, failure),
@@ -113,7 +113,7 @@ class Dispatcher:
             return d
         return self._finish(transaction, (200, {"result": result}, None))
 
-    def run_batch(self, batch: Batch, request: Any = None, session: Any = None) -> MaybeOutcome:
+    def run_batch(self, batch: Batch, request: Any = None, scope: Any = None) -> MaybeOutcome:
         """
         Run every call of a batch; each is answered under its key, and one
         failing does not stop the others.
@@ -129,7 +129,7 @@ class Dispatcher:
             if isinstance(call, TwistauthError):
                 outcomes.append(error_envelope(call))
             else:
-                outcomes.append(self.run(call, request, session, batch_key=key))
+                outcomes.append(self.run(call, request, scope, batch_key=key))
 
         def assemble(done: List[Outcome]) -> Outcome:
             answer = {key: envelope for key, (_, envelope, _) in zip(keys, done)}
@@ -147,7 +147,7 @@ class Dispatcher:
             for d in pending:
                 d.cancel()
 
-        result: "Deferred[Outcome]" = Deferred(cancel_all)
+        result: Deferred[Outcome] = Deferred(cancel_all)
 
         def gathered(results: List[Tuple[bool, Any]]) -> None:
             # An entry fails only by cancellation, and then so has the result.
@@ -195,7 +195,7 @@ class Dispatcher:
                 transaction.outcome = "cancelled"
                 self._finish(transaction, None)
             return failure
-        return self._finish(transaction, self._failed(handler, failure.value))
+        return self._finish(transaction, self._failed(handler, failure.value or Exception()))
 
     def _finish(self, transaction: Optional[Transaction], outcome: Any) -> Any:
         if transaction is not None:
@@ -213,4 +213,3 @@ class Dispatcher:
             hook(transaction)
         except Exception:
             log.failure("instrumentation hook failed for {method}", method=transaction.method)
-

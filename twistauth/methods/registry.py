@@ -118,9 +118,7 @@ class Method:
                         f"got {_json_type(parameters[p.name])}"
                     )
             elif p.required:
-                raise InvalidParametersError(
-                    f"method {self.name!r} needs the parameter {p.name!r}"
-                )
+                raise InvalidParametersError(f"method {self.name!r} needs the parameter {p.name!r}")
         if not self.accepts_extra:
             known = {p.name for p in self.parameters}
             unknown = sorted(set(parameters) - known)
@@ -219,9 +217,7 @@ def describe_function(
             extra = True
             continue
         if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.POSITIONAL_ONLY):
-            raise TypeError(
-                f"method {name!r}: parameter {p.name!r} must be passable by keyword"
-            )
+            raise TypeError(f"method {name!r}: parameter {p.name!r} must be passable by keyword")
         hint = hints.get(p.name, inspect.Parameter.empty)
         types = None if hint is inspect.Parameter.empty else _types_for(hint)
         shown = "any" if hint is inspect.Parameter.empty else _annotation_text(hint)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -27,6 +27,10 @@ from twistauth.errors import (
 from twistauth.methods.codec import JSON, Codec, request_codec, response_codec
 from twistauth.methods.dispatch import Dispatcher, Outcome, error_envelope
 from twistauth.methods.envelope import Call, parse_envelope
+from twistauth.sessions._interfaces import ISessionCache
+from twistauth.sessions.scope import UNCHANGED, Commit, SessionScope
+from twistauth.web.signing import INonceStore, sign_response, verify_request
+from twistauth.web.transport import COOKIE, SessionTransport
 
 log = Logger()
 
@@ -41,10 +45,21 @@ class APIResource(Resource):
     isLeaf = True
 
     def __init__(
-        self, dispatcher: Dispatcher, *, max_body_bytes: int, max_batch_size: int, max_json_depth: int
+        self,
+        dispatcher: Dispatcher,
+        *,
+        max_body_bytes: int,
+        max_batch_size: int,
+        max_json_depth: int,
+        sessions: Optional[ISessionCache] = None,
+        transport: Optional[SessionTransport] = None,
+        nonces: Optional[INonceStore] = None,
     ) -> None:
         super().__init__()
         self.dispatcher = dispatcher
+        self.sessions = sessions
+        self.transport = transport if sessions is not None else None
+        self.nonces = nonces
         self.max_body_bytes = max_body_bytes
         self.max_batch_size = max_batch_size
         self.max_json_depth = max_json_depth
@@ -63,6 +78,8 @@ class APIResource(Resource):
         if method == b"HEAD":
             self._headers(request, codec, 200)
             return b""
+        if method == b"OPTIONS" and self.transport is not None:
+            return self.transport.preflight(request)
         error = MethodNotAllowedError(
             f"{method.decode('ascii', 'replace')[:20]} is not allowed; use POST"
         )
@@ -74,7 +91,85 @@ class APIResource(Resource):
             codec = response_codec(request.getHeader(b"accept"))
         except TwistauthError as e:
             return self._write(request, JSON, error_envelope(e))
+        transport = self.transport
+        if transport is None:
+            return self._call(request, codec, None)
+        try:
+            if request.getHeader(b"origin") is not None:
+                transport.check_origin(request)
+                transport.cors(request)
+            token, carrier = transport.token(request)
+        except TwistauthError as e:
+            return self._write(request, codec, error_envelope(e))
+        if token is None:
+            scope = SessionScope(self.sessions)  # type: ignore[arg-type]
+            outcome = self._call(request, codec, scope, answer=False)
+            if not isinstance(outcome, Deferred) and scope.untouched:
+                if carrier is not None:
+                    transport.apply(request, carrier, UNCHANGED, None)
+                return self._write(request, codec, outcome)
+            d = maybeDeferred(lambda: outcome).addCallback(self._commit, request, scope, carrier)
+        else:
+            d = SessionScope.for_token(self.sessions, token).addCallback(  # type: ignore[arg-type]
+                self._call_with_session, request, codec, carrier
+            )
+        self._answer_later(request, codec, d)
+        return NOT_DONE_YET
+
+    def _call_with_session(
+        self, scope: SessionScope, request: Any, codec: Codec, carrier: Optional[str]
+    ) -> Any:
+        session = scope.session
+        if session is not None and carrier == COOKIE:
+            try:
+                self.transport.check_cookie_call(request, session)  # type: ignore[union-attr]
+            except TwistauthError as e:
+                return error_envelope(e)
+        if session is None or session.signing_key is None:
+            outcome = self._call(request, codec, scope, answer=False)
+            return maybeDeferred(lambda: outcome).addCallback(self._commit, request, scope, carrier)
+        key = session.signing_key
         body = request.content.read()
+
+        def verified(nonce: bytes) -> Any:
+            request._twistauth_signing = (key, nonce)
+            outcome = self._call(request, codec, scope, answer=False, body=body)
+            return maybeDeferred(lambda: outcome).addCallback(self._commit, request, scope, carrier)
+
+        return maybeDeferred(  # type: ignore[call-overload]
+            verify_request,
+            request,
+            body,
+            key,
+            session.id,
+            self.dispatcher.services.clock,
+            self.nonces,
+        ).addCallback(verified)
+
+    def _commit(
+        self, outcome: Outcome, request: Any, scope: SessionScope, carrier: Optional[str]
+    ) -> Any:
+        def tell(commit: Commit) -> Outcome:
+            self.transport.apply(request, carrier, commit, scope.token)  # type: ignore[union-attr]
+            return outcome
+
+        return scope.commit().addCallback(tell)
+
+    def _call(
+        self,
+        request: Any,
+        codec: Codec,
+        scope: Optional[SessionScope],
+        *,
+        answer: bool = True,
+        body: Optional[bytes] = None,
+    ) -> Any:
+        """
+        Decode, check and dispatch the body.  With ``answer``, write the
+        outcome (or arrange for it to be written); without, return it.
+        """
+        if body is None:
+            body = request.content.read()
         try:
             if len(body) > self.max_body_bytes:
                 # Reached only when mounted in a host's Site, which has no limit.
@@ -86,18 +181,36 @@ class APIResource(Resource):
             )
             envelope = parse_envelope(decoded, self.max_batch_size)
         except TwistauthError as e:
-            return self._write(request, codec, error_envelope(e))
-        if type(envelope) is Call:
-            outcome = self.dispatcher.run(envelope, request)
+            outcome: Any = error_envelope(e)
         else:
-            outcome = self.dispatcher.run_batch(envelope, request)  # type: ignore[arg-type]
+            if type(envelope) is Call:
+                outcome = self.dispatcher.run(envelope, request, scope)
+            else:
+                outcome = self.dispatcher.run_batch(envelope, request, scope)  # type: ignore[arg-type]
+        if not answer:
+            return outcome
         if isinstance(outcome, Deferred):
-            request.notifyFinish().addErrback(lambda _: outcome.cancel())
-            outcome.addCallbacks(
-                lambda done: self._write_late(request, codec, done), self._gone
-            )
+            self._answer_later(request, codec, outcome)
             return NOT_DONE_YET
         return self._write(request, codec, outcome)
+
+    def _answer_later(self, request: Any, codec: Codec, outcome: Deferred[Outcome]) -> None:
+        request.notifyFinish().addErrback(lambda _: outcome.cancel())
+        outcome.addErrback(self._backend_failed)
+        outcome.addCallbacks(lambda done: self._write_late(request, codec, done), self._gone)
+
+    def _backend_failed(self, failure: Failure) -> Outcome:
+        """
+        A session load or commit failed: a backend outage answers 503 and
+        leaves the client's token alone (an outage is not a logout).
+        """
+        if failure.check(CancelledError):
+            return failure  # type: ignore[return-value]
+        if isinstance(failure.value, TwistauthError):
+            return error_envelope(failure.value)
+        cid = self.dispatcher.next_id()
+        log.failure("session handling failed (correlation id {cid})", failure, cid=cid)
+        return error_envelope(InternalError({"message": "internal error", "correlation_id": cid}))
 
     def _headers(self, request: Any, codec: Codec, status: int) -> None:
         request.setResponseCode(status)
@@ -105,11 +218,13 @@ class APIResource(Resource):
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-content-type-options", b"nosniff")
 
-    def _encode(self, codec: Codec, outcome: Outcome) -> Tuple[int, bytes, Optional[Dict[str, str]]]:
+    def _encode(
+        self, codec: Codec, outcome: Outcome
+    ) -> Tuple[int, bytes, Optional[Dict[str, str]]]:
         status, envelope, headers = outcome
         try:
             return status, codec.encode(envelope), headers
-        except (TypeError, ValueError, OverflowError):
+        except Exception:  # TypeError, ValueError, OverflowError, RecursionError, ...
             cid = self.dispatcher.next_id()
             log.failure(
                 "a method's answer cannot be encoded as {type} (correlation id {cid})",
@@ -127,6 +242,10 @@ class APIResource(Resource):
         if headers:
             for name, value in headers.items():
                 request.setHeader(name.encode("ascii"), value.encode("ascii"))
+        signing = getattr(request, "_twistauth_signing", None)
+        if signing is not None:
+            key, nonce = signing
+            sign_response(request, key, nonce, status, body, self.dispatcher.services.clock)
         return body
 
     def _write_late(self, request: Any, codec: Codec, outcome: Outcome) -> None:

@@ -55,12 +55,15 @@ def make_routes() -> Klein:
 
     @app.handle_errors(TwistauthError)
     def twistauth_error(request: Any, failure: Failure) -> bytes:
-        return error_response(request, failure.value)
+        error: TwistauthError = failure.value  # type: ignore[assignment]
+        return error_response(request, error)
 
     @app.handle_errors(Exception)
     def unexpected(request: Any, failure: Failure) -> bytes:
         cid = secrets.token_hex(8)
-        log.failure("route {path} failed (correlation id {cid})", failure, path=request.path, cid=cid)
+        log.failure(
+            "route {path} failed (correlation id {cid})", failure, path=request.path, cid=cid
+        )
         return error_response(
             request,
             InternalError({"message": "internal error", "correlation_id": cid}),

@@ -21,7 +21,9 @@ from typing import Any, Callable, Dict, List, Optional, Set
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
@@ -49,7 +51,7 @@ class GuardedRequest(Request):
         self._deadline = site.clock.callLater(site.request_timeout, self._too_slow)
 
     def gotLength(self, length: Optional[int]) -> None:
-        site: TwistauthSite = self.channel.site
+        site: TwistauthSite = self.channel.site  # type: ignore[attr-defined]
         self._limit = site.body_limit(getattr(self.channel, "_path", b""))
         if length is not None and length > self._limit:
             self._reject(
@@ -69,7 +71,7 @@ class GuardedRequest(Request):
                 BodyTooLargeError(f"the body is over {self._limit} bytes, the most accepted here")
             )
             return
-        self.content.write(data)
+        self.content.write(data)  # type: ignore[union-attr]
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._deadline.active():
@@ -97,7 +99,7 @@ class GuardedRequest(Request):
         if self._deadline.active():
             self._deadline.cancel()
         body = json.dumps({"error": error.to_json()}).encode()
-        transport = self.channel.transport
+        transport: Any = self.channel.transport
         if transport is None:
             return
         transport.write(
@@ -118,23 +120,42 @@ class GuardedChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._on_close: List["Deferred[None]"] = []
+        self._on_close: List[Deferred[None]] = []
         self.site.channel_opened(self)
 
-    def connectionLost(self, reason: Any) -> None:
+    site: TwistauthSite
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.site.channel_closed(self)
         super().connectionLost(reason)
         waiting, self._on_close = self._on_close, []
         for d in waiting:
             d.callback(None)
 
-    def closed(self) -> "Deferred[None]":
+    def closed(self) -> Deferred[None]:
         """
         A Deferred that fires when this connection is closed.
         """
-        d: "Deferred[None]" = Deferred()
+        d: Deferred[None] = Deferred()
         self._on_close.append(d)
         return d
+
+
+def access_log_line(timestamp: str, request: Any) -> str:
+    """
+    The access log's line for a request: the combined log format, but the
+    query string and the referrer are left out, because they can carry
+    authorization codes, state and tokens (which are never logged).
+    """
+    path = request.uri.split(b"?", 1)[0].decode("ascii", "replace")
+    method = request.method.decode("ascii", "replace")
+    protocol = request.clientproto.decode("ascii", "replace")
+    agent = (request.getHeader(b"user-agent") or b"-").decode("ascii", "replace")[:200]
+    address = getattr(request.getClientAddress(), "host", "-")
+    return (
+        f'"{address}" - - {timestamp} "{method} {path} {protocol}" '
+        f'{request.code} {request.sentLength or "-"} "-" "{agent}"'
+    ).replace("\n", " ")
 
 
 class TwistauthSite(Site):
@@ -146,7 +167,7 @@ class TwistauthSite(Site):
     """
 
     requestFactory = GuardedRequest
-    protocol = GuardedChannel
+    protocol = GuardedChannel  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -160,7 +181,11 @@ class TwistauthSite(Site):
         body_limits: Optional[Dict[bytes, int]] = None,
     ) -> None:
         super().__init__(
-            resource, timeout=idle_timeout, parsePOSTFormSubmission=False, reactor=clock
+            resource,
+            timeout=idle_timeout,
+            parsePOSTFormSubmission=False,
+            reactor=clock,
+            logFormatter=access_log_line,
         )
         self.clock = clock
         self.request_timeout = request_timeout
@@ -185,7 +210,7 @@ class TwistauthSite(Site):
         """
         self._body_limits[path] = limit
 
-    def buildProtocol(self, addr: IAddress) -> Optional[GuardedChannel]:
+    def buildProtocol(self, addr: Optional[IAddress]) -> Optional[GuardedChannel]:  # type: ignore[override]
         host = getattr(addr, "host", None)
         if host is not None:
             count = self._open.get(host, 0)
