@@ -10,14 +10,20 @@ application's site.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import attr
 from klein import Klein
+from twisted.application.service import IService
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import IResource
 
+from twistauth.accounts.build import (
+    make_login_throttle,
+    make_password_hasher,
+    make_user_store,
+)
 from twistauth.methods.dispatch import Dispatcher
 from twistauth.methods.handler import Services
 from twistauth.methods.registry import MethodRegistry
@@ -49,6 +55,12 @@ class TwistauthApp:
     dispatcher: Dispatcher = attr.ib()
     routes: Klein = attr.ib()
     api: APIResource = attr.ib()
+    services: Services = attr.ib()
+    """The parts methods see: sessions, users, passwords, throttle, bus."""
+    background: Tuple[IService, ...] = attr.ib(default=())
+    """Services the app needs running (the password-hashing pool, Redis
+    connections): `twistauth.service.TwistauthService` starts them before
+    it listens and stops them after."""
 
     def resource(self) -> IResource:
         """
@@ -75,7 +87,7 @@ def make_session_cache(settings: Settings, clock: IReactorTime) -> ISessionCache
     """
     The session cache the settings choose.
     """
-    common = {
+    common: Dict[str, Any] = {
         "clock": clock,
         "idle_timeout": settings.session_idle_timeout,
         "absolute_timeout": settings.session_absolute_timeout,
@@ -103,10 +115,41 @@ def make_session_cache(settings: Settings, clock: IReactorTime) -> ISessionCache
     return cache
 
 
+def make_accounts(settings: Settings, clock: IReactorTime, reactor: Any) -> Dict[str, Any]:
+    """
+    The local-account parts: the user store, the password hasher (a
+    service) and the failed-login throttle.
+    """
+    if settings.user_store not in ("yaml", "memory"):
+        raise NotImplementedError("Redis user stores are wired in the next step")
+    users = make_user_store(
+        settings.user_store, clock=clock, reactor=reactor, data_dir=settings.data_dir
+    )
+    passwords = make_password_hasher(
+        reactor=reactor,
+        min_length=settings.password_min_length,
+        max_bytes=settings.password_max_bytes,
+        time_cost=settings.argon2_time_cost,
+        memory_cost=settings.argon2_memory_cost,
+        parallelism=settings.argon2_parallelism,
+        threads=settings.password_hash_threads,
+        max_pending=settings.password_hash_queue,
+    )
+    throttle = make_login_throttle(
+        "memory",
+        clock=clock,
+        account_limit=settings.login_max_failures_per_account,
+        address_limit=settings.login_max_failures_per_address,
+        window=settings.login_failure_window,
+    )
+    return {"users": users, "passwords": passwords, "throttle": throttle}
+
+
 def make_app(
     settings: Optional[Settings] = None,
     *,
     clock: IReactorTime,
+    reactor: Any = None,
     registry: Optional[MethodRegistry] = None,
     **keywords: Any,
 ) -> TwistauthApp:
@@ -116,9 +159,11 @@ def make_app(
     :param settings: loaded settings; or leave it out and pass settings as
         ``keywords`` (validated as `Settings.load` does).
     :param clock: the reactor (or a ``Clock`` in tests): all time comes from it.
+    :param reactor: the reactor that runs threads (password hashing) and
+        connections; ``clock`` when not given.
     :param registry: a registry of your own methods; the ``method_modules``
         setting's modules are loaded into it.
-    @raise twistauth.settings.SettingsError: for invalid keywords.
+    :raises twistauth.settings.SettingsError: for invalid keywords.
     :raises ImportError: a method module cannot be imported.
     :raises ValueError: two methods share a name.
     """
@@ -136,9 +181,19 @@ def make_app(
             module=module,
             origin=settings.origins.get("method_modules", "default"),
         )
+    if reactor is None:
+        reactor = clock
     sessions = make_session_cache(settings, clock)
     registry.load("twistauth.methods.builtin")
-    services = Services(clock=clock, settings=settings, registry=registry, sessions=sessions)
+    background: List[IService] = []
+    accounts: Dict[str, Any] = {}
+    if settings.local_accounts:
+        accounts = make_accounts(settings, clock, reactor)
+        background.append(accounts["passwords"])
+        registry.load("twistauth.accounts.methods")
+    services = Services(
+        clock=clock, settings=settings, registry=registry, sessions=sessions, **accounts
+    )
     dispatcher = Dispatcher(
         registry,
         services,
@@ -155,7 +210,7 @@ def make_app(
         transport=SessionTransport(
             cookie_name=settings.session_cookie_name,
             secure=settings.session_cookie_secure,
-            allowed_origins=settings.allowed_origins,
+            allowed_origins=frozenset(settings.allowed_origins),
             idle_timeout=settings.session_idle_timeout,
             absolute_timeout=settings.session_absolute_timeout,
             permanent_lifetime=settings.session_permanent_lifetime,
@@ -177,4 +232,6 @@ def make_app(
         dispatcher=dispatcher,
         routes=make_routes(),
         api=api,
+        services=services,
+        background=tuple(background),
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, List, Sequence
 
 from twisted.application import strports
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
@@ -22,13 +22,23 @@ log = Logger()
 
 class TwistauthService(MultiService):
     """
-    Listens on each endpoint with one site.
+    Listens on each endpoint with one site, and runs the services the
+    app needs in the background.
     """
 
-    def __init__(self, site: TwistauthSite, endpoints: Sequence[str], reactor: Any) -> None:
+    def __init__(
+        self,
+        site: TwistauthSite,
+        endpoints: Sequence[str],
+        reactor: Any,
+        background: Sequence[IService] = (),
+    ) -> None:
         super().__init__()
         self.site = site
         self.endpoints = tuple(endpoints)
+        # Started first and stopped last (a MultiService stops in reverse).
+        for service in background:
+            service.setServiceParent(self)
         for description in self.endpoints:
             strports.service(description, site, reactor=reactor).setServiceParent(self)
 
@@ -37,11 +47,11 @@ class TwistauthService(MultiService):
         for description in self.endpoints:
             log.info("twistauth: listening on {endpoint}", endpoint=description)
 
-    def stopService(self) -> "Deferred[Any]":
-        stopped: "Deferred[Any]" = super().stopService()  # type: ignore[assignment]
+    def stopService(self) -> Deferred[Any]:
+        stopped: Deferred[Any] = super().stopService()
 
-        def close_connections(result: Any) -> "Deferred[Any]":
-            closing: List["Deferred[Any]"] = [
+        def close_connections(result: Any) -> Deferred[Any]:
+            closing: List[Deferred[Any]] = [
                 channel.closed() for channel in list(self.site.channels())
             ]
             for channel in list(self.site.channels()):

@@ -71,6 +71,8 @@ class Kind:
     check: Callable[[Any], Any]
     parse: Callable[[str], Any]
     repeatable: bool = False
+    secret: bool = False
+    """Values are keys: never shown (``repr``, logs)."""
 
 
 def _int_kind(low: int, high: int) -> Kind:
@@ -240,7 +242,7 @@ def _secret_kind(length: int) -> Kind:
             return value
         return parse(_check_str(value))
 
-    return Kind(allowed, check, parse)
+    return Kind(allowed, check, parse, secret=True)
 
 
 def _bool_kind() -> Kind:
@@ -312,7 +314,13 @@ def _keys_kind(single: Kind) -> Kind:
     def parse(text: str) -> Tuple[bytes, ...]:
         return tuple(single.parse(part) for part in text.split(",") if part.strip())
 
-    return Kind(f"a list, newest first, of keys: {single.allowed}", check, parse, repeatable=True)
+    return Kind(
+        f"a list, newest first, of keys: {single.allowed}",
+        check,
+        parse,
+        repeatable=True,
+        secret=single.secret,
+    )
 
 
 INT_BYTES = _int_kind(1, 16 * 1024 * 1024)
@@ -329,7 +337,15 @@ def setting(default: Any, kind: Kind, doc: str, *, example: Optional[str] = None
     """
     Declare a setting: an attrs field carrying its kind and documentation.
     """
-    return attr.ib(default=default, metadata={"kind": kind, "doc": doc, "example": example})
+    return attr.ib(
+        default=default,
+        repr=_hidden if kind.secret else True,
+        metadata={"kind": kind, "doc": doc, "example": example},
+    )
+
+
+def _hidden(value: Any) -> str:
+    return "<hidden>" if value else repr(value)
 
 
 # ---------------------------------------------------------------------------
@@ -435,6 +451,55 @@ class Settings:
         _list_kind(_origin, "origins"),
         "Other origins allowed to call with credentials (CORS) besides the server's own.",
         example="https://app.example",
+    )
+    local_accounts: bool = setting(
+        True,
+        BOOL,
+        "Serve local password accounts: the account.* and session.info methods.",
+    )
+    account_signup: bool = setting(
+        True, BOOL, "Let anyone create an account with account.create (false: refused, 403)."
+    )
+    user_store: str = setting(
+        "yaml",
+        _choice_or_url_kind(("yaml", "memory"), ("redis", "redis-sentinel")),
+        "Where users live: 'yaml' (a file in data_dir; one process), 'memory' "
+        "(lost at exit), or a Redis URL.",
+        example="redis://127.0.0.1:6379/0",
+    )
+    data_dir: str = setting(
+        "twistauth-data",
+        Kind("a directory path", _check_str, str),
+        "The directory for files twistauth keeps (users.yaml); created with mode 0700.",
+    )
+    password_min_length: int = setting(8, _int_kind(1, 1024), "Shortest password accepted.")
+    password_max_bytes: int = setting(
+        1024,
+        _int_kind(64, 4096),
+        "Longest password accepted, in UTF-8 bytes (bounds the hashing cost; never truncated).",
+    )
+    argon2_time_cost: int = setting(3, _int_kind(1, 100), "argon2id iterations.")
+    argon2_memory_cost: int = setting(
+        65536, _int_kind(8192, 4 * 1024 * 1024), "argon2id memory per hash, in KiB."
+    )
+    argon2_parallelism: int = setting(4, _int_kind(1, 64), "argon2id lanes.")
+    password_hash_threads: int = setting(
+        2, _int_kind(1, 64), "Threads that hash passwords (never the reactor thread)."
+    )
+    password_hash_queue: int = setting(
+        64, _int_kind(1, 100_000), "Hashes that may wait for a thread before logins answer 503."
+    )
+    login_max_failures_per_account: int = setting(
+        100, _int_kind(1, 1_000_000), "Failed logins per account per window before 429."
+    )
+    login_max_failures_per_address: int = setting(
+        300, _int_kind(1, 1_000_000), "Failed logins per client address per window before 429."
+    )
+    login_failure_window: float = setting(
+        3600.0, SECONDS, "The window, in seconds, failed logins are counted over."
+    )
+    redis_timeout: float = setting(
+        2.0, _float_kind(0.05, 60), "Deadline of every Redis call; an outage answers 503 after it."
     )
     exception_hook: Optional[Callable[..., Any]] = setting(
         None,

@@ -86,8 +86,8 @@ def makeService(options: Any, reactor: Optional[Any] = None) -> IService:
     from twistauth.service import TwistauthService
 
     settings: Settings = options["settings"]
-    app = make_app(settings, clock=reactor)
-    return TwistauthService(app.site(), settings.listen, reactor)
+    app = make_app(settings, clock=reactor, reactor=reactor)
+    return TwistauthService(app.site(), settings.listen, reactor, app.background)
 
 
 make_service: Callable[..., IService] = makeService

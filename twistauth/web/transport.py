@@ -71,7 +71,7 @@ class SessionTransport:
 
     cookie_name: str = attr.ib()
     secure: bool = attr.ib()
-    allowed_origins: FrozenSet[str] = attr.ib(converter=frozenset)
+    allowed_origins: FrozenSet[str] = attr.ib()
     idle_timeout: float = attr.ib()
     absolute_timeout: float = attr.ib()
     permanent_lifetime: float = attr.ib()
