@@ -7,7 +7,7 @@ so the plugin module is installed beside Twisted's own.
 
 import re
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="twistauth",
@@ -18,14 +18,7 @@ setup(
     long_description_content_type="text/x-rst",
     license="MIT",
     python_requires=">=3.9",
-    packages=[
-        "twistauth",
-        "twistauth.methods",
-        "twistauth.web",
-        "twistauth.demo_methods",
-        "twistauth.demo_methods.time",
-        "twisted.plugins",
-    ],
+    packages=find_packages(include=["twistauth", "twistauth.*"]) + ["twisted.plugins"],
     package_data={"twistauth": ["py.typed"]},
     install_requires=[
         "twisted>=23.10",
@@ -35,6 +28,12 @@ setup(
         "attrs>=22.2",
         "zope.interface>=5",
         "msgpack>=1.0",
+        "cryptography>=42",
+        "argon2-cffi>=23.1",
+        "PyJWT>=2.12",
+        "PyYAML>=6",
+        "hyperlink>=21",
+        "service-identity>=21",
         "tomli>=1.1; python_version < '3.11'",
     ],
     extras_require={

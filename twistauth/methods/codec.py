@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import attr
 import msgpack
@@ -170,22 +170,61 @@ def request_codec(content_type: Optional[bytes]) -> Codec:
     return JSON
 
 
+_ACCEPT_CACHE: Dict[bytes, Codec] = {}
+
+
 def response_codec(accept: Optional[bytes]) -> Codec:
     """
-    The codec of a response, from the request's Accept header: msgpack when
-    it is asked for before JSON, JSON when it is acceptable or nothing is said.
+    The codec of a response, from the request's Accept header (RFC 9110
+    quality values honoured): msgpack when it is preferred, JSON when it is
+    at least as acceptable or nothing is said.
 
     :raises NotAcceptableError: the client accepts neither.
     """
     if accept is None:
         return JSON
-    accept = accept.lower()
-    msgpack_at = min((accept.find(name) for name in _MSGPACK_NAMES if name in accept), default=-1)
-    json_at = accept.find(b"json")
-    if msgpack_at >= 0 and (json_at < 0 or msgpack_at < json_at):
-        return MSGPACK
-    if json_at >= 0 or b"*/*" in accept or b"application/*" in accept or not accept.strip():
+    codec = _ACCEPT_CACHE.get(accept)
+    if codec is None:
+        codec = _negotiate(accept)
+        if len(_ACCEPT_CACHE) < 256:
+            _ACCEPT_CACHE[accept] = codec
+    if codec is _NEITHER:
+        raise NotAcceptableError(
+            "the Accept header allows neither application/json nor application/msgpack"
+        )
+    return codec
+
+
+_NEITHER = Codec(b"", _decode_json, _encode_json)
+
+
+def _negotiate(accept: bytes) -> Codec:
+    """
+    Choose by quality: the best of JSON and msgpack; on a tie, the one the
+    client named first.
+    """
+    json_q = msgpack_q = -1.0
+    msgpack_first = False
+    for item in accept.lower().split(b","):
+        media, _, parameters = item.partition(b";")
+        media = media.strip()
+        q = 1.0
+        for parameter in parameters.split(b";"):
+            name, _, value = parameter.partition(b"=")
+            if name.strip() == b"q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
+        if media in _MSGPACK_NAMES:
+            msgpack_first = msgpack_first or json_q < 0
+            msgpack_q = max(msgpack_q, q)
+        elif media in (b"application/json", b"*/*", b"application/*") or media.endswith(b"+json"):
+            json_q = max(json_q, q)
+    if not accept.strip():
         return JSON
-    raise NotAcceptableError(
-        "the Accept header allows neither application/json nor application/msgpack"
-    )
+    if msgpack_q > 0 and (msgpack_q > json_q or (msgpack_q == json_q and msgpack_first)):
+        return MSGPACK
+    if json_q > 0:
+        return JSON
+    return _NEITHER

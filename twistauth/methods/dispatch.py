@@ -32,12 +32,21 @@ from twisted.python.failure import Failure
 from twistauth.errors import InternalError, TwistauthError, UnknownMethodError
 from twistauth.methods.envelope import Batch, Call
 from twistauth.methods.handler import Handler, Services
-from twistauth.methods.registry import MethodRegistry
+from twistauth.methods.registry import Method, MethodRegistry
 
 Outcome = Tuple[int, Dict[str, Any], Optional[Dict[str, str]]]
 MaybeOutcome = Union[Outcome, "Deferred[Outcome]"]
 
 log = Logger()
+
+
+async def _as_awaitable(result: Any) -> Any:
+    """
+    Await ``result`` if it is awaitable (a Deferred or a coroutine).
+    """
+    if isinstance(result, Deferred) or inspect.iscoroutine(result):
+        return await result
+    return result
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -74,6 +83,9 @@ class Dispatcher:
     exception_hook: Optional[Callable[[Handler, BaseException], Any]] = attr.ib(default=None)
     before_hook: Optional[Callable[[Transaction], Any]] = attr.ib(default=None)
     after_hook: Optional[Callable[[Transaction], Any]] = attr.ib(default=None)
+    authorize: Optional[Callable[[Handler, Method], Any]] = attr.ib(default=None)
+    """Called as ``authorize(handler, method)`` before every method runs: raises
+    (or fails its Deferred with) a `TwistauthError` to refuse the call."""
     _prefix: str = attr.ib(factory=lambda: secrets.token_hex(4))
     _counter: itertools.count[int] = attr.ib(factory=itertools.count)
 
@@ -90,28 +102,43 @@ class Dispatcher:
         Run one call.  Never raises; never fails the Deferred it may return
         (except by cancellation, when the client has gone away).
         """
-        method = self.registry.lookup(call.method)
-        if method is None:
-            return error_envelope(UnknownMethodError(f"no method named {call.method[:100]!r}"))
         handler = Handler(call.method, self.next_id(), request, self.services, scope)
         transaction = None
         if self.before_hook is not None or self.after_hook is not None:
             transaction = Transaction(
-                handler.transaction_id, call.method, batch_key, self.services.clock.seconds()
+                handler.transaction_id, call.method[:200], batch_key, self.services.clock.seconds()
             )
             self._hook(self.before_hook, transaction)
+        method = self.registry.lookup(call.method)
+        if method is None:
+            unknown = UnknownMethodError(f"no method named {call.method[:100]!r}")
+            return self._finish(transaction, error_envelope(unknown))
+        if self.authorize is not None:
+            try:
+                allowed = self.authorize(handler, method)
+            except Exception as e:
+                return self._finish(transaction, self._failed(handler, e))
+            if isinstance(allowed, Deferred):
+                d: Deferred[Any] = allowed.addCallback(
+                    lambda _: ensureDeferred(_as_awaitable(method.invoke(handler, call.parameters)))
+                )
+                return self._settle(d, transaction, handler)
         try:
             result = method.invoke(handler, call.parameters)
         except Exception as e:
             return self._finish(transaction, self._failed(handler, e))
         if isinstance(result, Deferred) or inspect.iscoroutine(result):
-            d: Deferred[Any] = ensureDeferred(result)
-            d.addCallbacks(
-                lambda value: self._finish(transaction, (200, {"result": value}, None)),
-                lambda failure: self._async_failed(transaction, handler, failure),
-            )
-            return d
+            return self._settle(ensureDeferred(result), transaction, handler)
         return self._finish(transaction, (200, {"result": result}, None))
+
+    def _settle(
+        self, d: Deferred[Any], transaction: Optional[Transaction], handler: Handler
+    ) -> Deferred[Outcome]:
+        d.addCallbacks(
+            lambda value: self._finish(transaction, (200, {"result": value}, None)),
+            lambda failure: self._async_failed(transaction, handler, failure),
+        )
+        return d
 
     def run_batch(self, batch: Batch, request: Any = None, scope: Any = None) -> MaybeOutcome:
         """

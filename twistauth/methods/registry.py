@@ -204,7 +204,11 @@ def describe_function(
         )
     rest = params[1:]
     doc = inspect.cleandoc(function.__doc__ or "")
-    if len(rest) == 1 and rest[0].name == "parameters":
+    if (
+        len(rest) == 1
+        and rest[0].name == "parameters"
+        and rest[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    ):
         return Method(name, function, doc, True, (), True, dict(options or {}))
     try:
         hints = typing.get_type_hints(function)
@@ -243,11 +247,17 @@ class MethodRegistry:
         """
         Register ``function`` as the method ``name``.
 
-        :raises ValueError: the name is invalid or already taken.
+        Adding the same function under the same name again changes nothing
+        (so loading a module twice, or building two apps on one registry, is
+        harmless).
+
+        :raises ValueError: the name is invalid or taken by another function.
         :raises TypeError: the function cannot be called as a method.
         """
         if name in self._methods:
             existing = self._methods[name].function
+            if existing is function:
+                return self._methods[name]
             raise ValueError(
                 f"method {name!r} is registered twice: {_where(existing)} and {_where(function)}"
             )

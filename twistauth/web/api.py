@@ -251,7 +251,15 @@ class APIResource(Resource):
     def _write_late(self, request: Any, codec: Codec, outcome: Outcome) -> None:
         if request.finished or getattr(request, "_disconnected", False):
             return
-        request.write(self._write(request, codec, outcome))
+        try:
+            body = self._write(request, codec, outcome)
+        except Exception:
+            cid = self.dispatcher.next_id()
+            log.failure("writing an answer failed (correlation id {cid})", cid=cid)
+            error = InternalError({"message": "internal error", "correlation_id": cid})
+            request.responseHeaders.removeHeader(b"x-twistauth-signature")
+            body = self._write(request, JSON, error_envelope(error))
+        request.write(body)
         request.finish()
 
     def _gone(self, failure: Failure) -> None:

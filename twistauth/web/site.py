@@ -20,7 +20,7 @@ import json
 from typing import Any, Callable, Dict, List, Optional, Set
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -48,7 +48,12 @@ class GuardedRequest(Request):
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
         site: TwistauthSite = channel.site
-        self._deadline = site.clock.callLater(site.request_timeout, self._too_slow)
+        now = site.clock.seconds()
+        # The deadline runs from the request's first byte, which came before
+        # its request line was complete (and this object was made).
+        started = channel.request_started() if hasattr(channel, "request_started") else now
+        remaining = max(0.0, started + site.request_timeout - now)
+        self._deadline = site.clock.callLater(remaining, self._too_slow)
 
     def gotLength(self, length: Optional[int]) -> None:
         site: TwistauthSite = self.channel.site  # type: ignore[attr-defined]
@@ -98,16 +103,26 @@ class GuardedRequest(Request):
         self._rejected = True
         if self._deadline.active():
             self._deadline.cancel()
-        body = json.dumps({"error": error.to_json()}).encode()
-        transport: Any = self.channel.transport
-        if transport is None:
-            return
-        transport.write(
-            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-            % (error.status, _REASONS.get(error.status, b"Error"), len(body), body)
-        )
-        self.channel.loseConnection()
+        # Refused at header time: no "100 Continue" may follow the answer.
+        self.requestHeaders.removeHeader(b"expect")
+        _refuse(self.channel, error)
+
+
+def _refuse(channel: Any, error: TwistauthError) -> None:
+    """
+    Answer ``error`` on ``channel`` before a request is complete, then close
+    the connection.
+    """
+    body = json.dumps({"error": error.to_json()}).encode()
+    transport: Any = channel.transport
+    if transport is None:
+        return
+    transport.write(
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+        % (error.status, _REASONS.get(error.status, b"Error"), len(body), body)
+    )
+    channel.loseConnection()
 
 
 class GuardedChannel(HTTPChannel):
@@ -117,6 +132,33 @@ class GuardedChannel(HTTPChannel):
     """
 
     _counted_host: Optional[str] = None
+    _first_byte: Optional[IDelayedCall] = None
+    _first_byte_at: float = 0.0
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.requests and self._first_byte is None:
+            # The first byte of a request: its deadline starts now, even
+            # though the request line may trickle in for a while.
+            clock = self.site.clock
+            self._first_byte_at = clock.seconds()
+            self._first_byte = clock.callLater(self.site.request_timeout, self._too_slow)
+        super().dataReceived(data)
+
+    def request_started(self) -> float:
+        """
+        When the request whose line just arrived began; its `GuardedRequest`
+        takes over the deadline from here.
+        """
+        if self._first_byte is None:
+            return self.site.clock.seconds()
+        if self._first_byte.active():
+            self._first_byte.cancel()
+        self._first_byte = None
+        return self._first_byte_at
+
+    def _too_slow(self) -> None:
+        self._first_byte = None
+        _refuse(self, RequestTimeoutError("the request line did not arrive in time"))
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -126,6 +168,9 @@ class GuardedChannel(HTTPChannel):
     site: TwistauthSite
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._first_byte is not None and self._first_byte.active():
+            self._first_byte.cancel()
+        self._first_byte = None
         self.site.channel_closed(self)
         super().connectionLost(reason)
         waiting, self._on_close = self._on_close, []

@@ -10,7 +10,6 @@ from twisted.application.service import ServiceMaker
 twistauth = ServiceMaker(
     "twistauth",
     "twistauth.tap",
-    "Authentication and session server: OIDC login, JSON methods, sessions, "
-    "instant logout.",
+    "Authentication and session server: OIDC login, JSON methods, sessions, instant logout.",
     "twistauth",
 )
