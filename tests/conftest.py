@@ -9,8 +9,8 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from typing import Iterator, Optional
 
@@ -47,13 +47,20 @@ class RedisServer:
     and start again (on the same port) to inject an outage.
     """
 
-    def __init__(self, password: Optional[str] = None) -> None:
+    def __init__(self, password: Optional[str] = None, persistent: bool = False) -> None:
+        """
+        :param password: the ``requirepass`` password, if any.
+        :param persistent: keep the data across `stop` and `start` (an
+            append-only file fsynced on every write), as a production Redis
+            does; by default a restart loses everything.
+        """
         executable = shutil.which("redis-server")
         if executable is None:
             raise RuntimeError("redis-server is not installed: run tests/setup.sh")
         self.executable = executable
         self.port = free_port()
         self.password = password
+        self.persistent = persistent
         self.directory = tempfile.mkdtemp(prefix="twistauth-redis-")
         self.process: Optional[subprocess.Popen[bytes]] = None
 
@@ -65,12 +72,19 @@ class RedisServer:
     def start(self) -> None:
         command = [
             self.executable,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", self.directory,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.persistent else "no",
+            "--dir",
+            self.directory,
         ]
+        if self.persistent:
+            command += ["--appendfsync", "always"]
         if self.password:
             command += ["--requirepass", self.password]
         self.process = subprocess.Popen(

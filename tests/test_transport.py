@@ -259,6 +259,8 @@ class TransportTests(SynchronousTestCase):
         first = self.logged_in("bob")
         second = self.logged_in("bob")
         other = self.logged_in("carol")
+        # (A login at the very instant of the revocation counts as after it.)
+        self.clock.advance(1)
         self.assertEqual(self.call_as(*first, "t.everywhere").code, 200)
         self.assertEqual(self.call_as(*second, "t.whoami").json, {"result": None})
         self.assertEqual(self.call_as(*other, "t.whoami").json, {"result": "carol"})

@@ -14,11 +14,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import attr
 from klein import Klein
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
+from twisted.internet.defer import DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import IResource
 
+from twistauth import redisconn
 from twistauth.accounts.build import (
     make_login_throttle,
     make_password_hasher,
@@ -27,15 +29,18 @@ from twistauth.accounts.build import (
 from twistauth.methods.dispatch import Dispatcher
 from twistauth.methods.handler import Services
 from twistauth.methods.registry import MethodRegistry
+from twistauth.sessions._interfaces import IRevocations, ISessionCache
+from twistauth.sessions.client import ClientSessionCache
+from twistauth.sessions.memory import MemorySessionCache
+from twistauth.sessions.redis import RedisSessionCache
+from twistauth.sessions.revocation import MemoryRevocations, RedisRevocations
 from twistauth.settings import Settings
 from twistauth.web.api import APIResource
 from twistauth.web.root import RootResource
 from twistauth.web.routes import make_routes
-from twistauth.sessions import ClientSessionCache, MemoryRevocations, MemorySessionCache
-from twistauth.sessions._interfaces import ISessionCache
-from twistauth.web.signing import MemoryNonceStore
+from twistauth.web.signing import INonceStore, MemoryNonceStore, RedisNonceStore
 from twistauth.web.site import TwistauthSite
-from twistauth.web.transport import SessionTransport
+from twistauth.web.transport import SESSION_HEADER, SessionTransport
 
 log = Logger()
 
@@ -83,9 +88,60 @@ class TwistauthApp:
         )
 
 
-def make_session_cache(settings: Settings, clock: IReactorTime) -> ISessionCache:
+class RedisConnections(Service):
     """
-    The session cache the settings choose.
+    One Redis connection per URL, shared by everything that uses that URL,
+    closed when the service stops.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._connections: Dict[str, Any] = {}
+
+    def get(self, url: str) -> Any:
+        connection = self._connections.get(url)
+        if connection is None:
+            timeout = self._settings.redis_timeout
+            connection = redisconn.connect(
+                url, connect_timeout=timeout, reply_timeout=max(5.0, 2.5 * timeout)
+            )
+            self._connections[url] = connection
+            log.info(
+                "twistauth: Redis: connecting to {address}",
+                address=redisconn.parse_url(url).redacted(),
+            )
+        return connection
+
+    def stopService(self) -> Any:
+        super().stopService()
+        closing = [redisconn.disconnect(c) for c in self._connections.values()]
+        self._connections.clear()
+        return DeferredList(closing)
+
+
+def _is_redis(value: Optional[str]) -> bool:
+    return value is not None and value.startswith(("redis://", "redis-sentinel://"))
+
+
+def shared_redis_url(settings: Settings) -> Optional[str]:
+    """
+    The Redis every process shares, if the deployment has one.
+    """
+    if settings.redis_url is not None:
+        return settings.redis_url
+    for candidate in (settings.session_cache, settings.user_store):
+        if _is_redis(candidate):
+            return candidate
+    return None
+
+
+def make_session_caches(
+    settings: Settings, clock: IReactorTime, redis: RedisConnections
+) -> Tuple[ISessionCache, ISessionCache]:
+    """
+    The session caches the settings choose: one for tokens carried in the
+    cookie and one for the header (the same cache, except for client-side
+    sessions, whose seal binds the carrier's name).
     """
     common: Dict[str, Any] = {
         "clock": clock,
@@ -96,15 +152,36 @@ def make_session_cache(settings: Settings, clock: IReactorTime) -> ISessionCache
         cache: ISessionCache = MemorySessionCache(
             max_entries=settings.session_max_entries, **common
         )
+        header_cache = cache
     elif settings.session_cache == "client":
+        shared = shared_redis_url(settings)
+        revocations: IRevocations
+        if shared is not None:
+            revocations = RedisRevocations(
+                redis=redis.get(shared), clock=clock, call_timeout=settings.redis_timeout
+            )
+        else:
+            revocations = MemoryRevocations(clock=clock)
+        prefix = "__Host-" if settings.session_cookie_secure else ""
         cache = ClientSessionCache(
             keys=settings.session_keys,
-            revocations=MemoryRevocations(clock=clock),
-            carrier_name=settings.session_cookie_name,
+            revocations=revocations,
+            carrier_name=prefix + settings.session_cookie_name,
+            **common,
+        )
+        header_cache = ClientSessionCache(
+            keys=settings.session_keys,
+            revocations=revocations,
+            carrier_name=SESSION_HEADER.decode("ascii"),
             **common,
         )
     else:
-        raise NotImplementedError("Redis session caches are wired in the next step")
+        cache = RedisSessionCache(
+            redis=redis.get(settings.session_cache),
+            call_timeout=settings.redis_timeout,
+            **common,
+        )
+        header_cache = cache
     log.info(
         "twistauth: sessions: {kind} cache, idle {idle:g} s, absolute {absolute:g} s ({origin})",
         kind=cache.name,
@@ -112,19 +189,28 @@ def make_session_cache(settings: Settings, clock: IReactorTime) -> ISessionCache
         absolute=settings.session_absolute_timeout,
         origin=settings.origins.get("session_cache", "default"),
     )
-    return cache
+    return cache, header_cache
 
 
-def make_accounts(settings: Settings, clock: IReactorTime, reactor: Any) -> Dict[str, Any]:
+def make_accounts(
+    settings: Settings, clock: IReactorTime, reactor: Any, redis: RedisConnections
+) -> Dict[str, Any]:
     """
     The local-account parts: the user store, the password hasher (a
     service) and the failed-login throttle.
     """
-    if settings.user_store not in ("yaml", "memory"):
-        raise NotImplementedError("Redis user stores are wired in the next step")
-    users = make_user_store(
-        settings.user_store, clock=clock, reactor=reactor, data_dir=settings.data_dir
-    )
+    if _is_redis(settings.user_store):
+        users = make_user_store(
+            "redis",
+            clock=clock,
+            reactor=reactor,
+            redis=redis.get(settings.user_store),
+            redis_timeout=settings.redis_timeout,
+        )
+    else:
+        users = make_user_store(
+            settings.user_store, clock=clock, reactor=reactor, data_dir=settings.data_dir
+        )
     passwords = make_password_hasher(
         reactor=reactor,
         min_length=settings.password_min_length,
@@ -135,14 +221,30 @@ def make_accounts(settings: Settings, clock: IReactorTime, reactor: Any) -> Dict
         threads=settings.password_hash_threads,
         max_pending=settings.password_hash_queue,
     )
+    shared = shared_redis_url(settings)
     throttle = make_login_throttle(
-        "memory",
+        "memory" if shared is None else "redis",
         clock=clock,
         account_limit=settings.login_max_failures_per_account,
         address_limit=settings.login_max_failures_per_address,
         window=settings.login_failure_window,
+        redis=None if shared is None else redis.get(shared),
+        redis_timeout=settings.redis_timeout,
     )
     return {"users": users, "passwords": passwords, "throttle": throttle}
+
+
+def make_nonce_store(
+    settings: Settings, clock: IReactorTime, redis: RedisConnections
+) -> INonceStore:
+    """
+    Where signed requests' nonces are remembered: the shared Redis when the
+    deployment has one (a nonce must be refused on every process).
+    """
+    shared = shared_redis_url(settings)
+    if shared is None:
+        return MemoryNonceStore(clock)
+    return RedisNonceStore(redis.get(shared), clock, settings.redis_timeout)
 
 
 def make_app(
@@ -183,12 +285,13 @@ def make_app(
         )
     if reactor is None:
         reactor = clock
-    sessions = make_session_cache(settings, clock)
+    redis = RedisConnections(settings)
+    background: List[IService] = [redis]
+    sessions, header_sessions = make_session_caches(settings, clock, redis)
     registry.load("twistauth.methods.builtin")
-    background: List[IService] = []
     accounts: Dict[str, Any] = {}
     if settings.local_accounts:
-        accounts = make_accounts(settings, clock, reactor)
+        accounts = make_accounts(settings, clock, reactor, redis)
         background.append(accounts["passwords"])
         registry.load("twistauth.accounts.methods")
     services = Services(
@@ -207,6 +310,7 @@ def make_app(
         max_batch_size=settings.max_batch_size,
         max_json_depth=settings.max_json_depth,
         sessions=sessions,
+        header_sessions=header_sessions,
         transport=SessionTransport(
             cookie_name=settings.session_cookie_name,
             secure=settings.session_cookie_secure,
@@ -215,7 +319,7 @@ def make_app(
             absolute_timeout=settings.session_absolute_timeout,
             permanent_lifetime=settings.session_permanent_lifetime,
         ),
-        nonces=MemoryNonceStore(clock),
+        nonces=make_nonce_store(settings, clock, redis),
     )
     log.info(
         "twistauth: JSON methods at {path}: bodies up to {size} bytes, batches up to "

@@ -282,11 +282,34 @@ def _choice_or_url_kind(choices: Sequence[str], schemes: Sequence[str]) -> Kind:
 
     def check(value: Any) -> str:
         value = _check_str(value)
-        if value in choices or any(value.startswith(s + "://") for s in schemes):
+        if value in choices:
             return value
+        if any(value.startswith(s + "://") for s in schemes):
+            return _redis_url(value)
         raise ValueError(f"expected {allowed}, got {value!r}")
 
     return Kind(allowed, check, check)
+
+
+def _redis_url(text: str) -> str:
+    from twistauth.redisconn import parse_url
+
+    parse_url(text)  # raises RedisURLError, a ValueError naming what is wrong
+    return text
+
+
+def _optional_redis_url_kind() -> Kind:
+    def check(value: Any) -> Optional[str]:
+        if value is None:
+            return None
+        return _redis_url(_check_str(value))
+
+    return Kind(
+        "a Redis URL ('redis://[:password@]host:port/db' or "
+        "'redis-sentinel://host:port,.../service')",
+        check,
+        check,
+    )
 
 
 def _origin(text: str) -> str:
@@ -497,6 +520,15 @@ class Settings:
     )
     login_failure_window: float = setting(
         3600.0, SECONDS, "The window, in seconds, failed logins are counted over."
+    )
+    redis_url: Optional[str] = setting(
+        None,
+        _optional_redis_url_kind(),
+        "The deployment's shared Redis, for what every process must see: login "
+        "throttling, revocations of client-side sessions, signing nonces.  Unset: "
+        "the session cache's or user store's Redis URL if either is one, else memory "
+        "(one process).",
+        example="redis://127.0.0.1:6379/0",
     )
     redis_timeout: float = setting(
         2.0, _float_kind(0.05, 60), "Deadline of every Redis call; an outage answers 503 after it."

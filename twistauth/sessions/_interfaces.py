@@ -21,7 +21,6 @@ import attr
 from zope.interface import Attribute, Interface
 
 
-
 @attr.s(kw_only=True, eq=False, repr=False)
 class Session(MutableMapping[str, Any]):
     """
@@ -30,7 +29,8 @@ class Session(MutableMapping[str, Any]):
     Mapping access (``session["cart"] = [...]``) reads and writes the
     JSON-serialisable application state; the attributes below are the
     session's own fields.  Change fields through the methods that record the
-    change (`log_in`, `log_out`, `set_roles`), never by assignment.
+    change (`log_in`, `set_roles`, `set_signing_key`), never by assignment;
+    logging out is the cache's `ISessionCache.delete`.
 
     :ivar id: the session's identifier: at least 128 random bits, URL-safe
         text.  Never log it.  For client-side sessions it is not what the
@@ -157,6 +157,16 @@ class Session(MutableMapping[str, Any]):
     def fields_changed(self) -> bool:
         return self._fields_changed
 
+    def mark_fields_changed(self) -> None:
+        """
+        Mark the session's own fields as changed, so it is `dirty` and its
+        next save stores it.  A cache calls this from ``load`` when it wants
+        the session saved although nothing else changed: a use it records
+        lazily (``last_seen``), or a client-side session opened with an old
+        key that must be re-sealed with the newest.
+        """
+        self._fields_changed = True
+
     def mark_saved(self) -> None:
         """
         Forget the recorded changes (a cache calls this after a save).
@@ -234,7 +244,11 @@ class ISessionCache(Interface):
         make the old id unusable (fixation defence: call on login and on
         every privilege change).  The renewed session is saved.
 
-        :return: Deferred firing with the new token.
+        A session that was saved before and deleted (logged out) meanwhile is
+        not brought back: nothing is stored, the session keeps its old id,
+        and the Deferred fires with ``None``, as `save` does.
+
+        :return: Deferred firing with the new token, or ``None``.
         """
 
     def delete(session: Session) -> Any:
@@ -257,4 +271,57 @@ class ISessionCache(Interface):
         logout with a ``sid``).
 
         :return: Deferred firing with how many ended (client-side: -1, unknown).
+        """
+
+
+class IRevocations(Interface):
+    """
+    Remembers which client-side sessions were ended before they expire.
+
+    A client-side (sealed) session lives in the client's cookie or header,
+    so deleting it means remembering, until it would have expired anyway,
+    that it must no longer be accepted.  Three kinds of record, each kept
+    only as long as a session it names could still be live:
+
+    - a revoked session id (logout, renewal of the id);
+    - a per-user *not-before* time: every session of that user that logged
+      in at or before it is revoked ("log out everywhere");
+    - a revoked OpenID provider session (issuer, ``sid``): back-channel
+      logout.
+
+    Every method answers with a Deferred; a store that cannot be reached
+    fails it with `twistauth.errors.BackendUnavailableError` (an outage is
+    never taken as "not revoked", nor as "revoked").
+    """
+
+    def revoke_session(session_id: str, ttl: float) -> Any:
+        """
+        Revoke one session id for ``ttl`` seconds.
+
+        :return: Deferred firing with ``None``.
+        """
+
+    def revoke_user(user_id: str, not_before: float, ttl: float) -> Any:
+        """
+        Revoke every session of ``user_id`` that logged in at or before
+        ``not_before`` (clock seconds); kept ``ttl`` seconds.  A later
+        ``not_before`` replaces an earlier one, never the reverse.
+
+        :return: Deferred firing with ``None``.
+        """
+
+    def revoke_provider_session(issuer: str, provider_sid: str, ttl: float) -> Any:
+        """
+        Revoke every session bound to this OpenID provider session for
+        ``ttl`` seconds.
+
+        :return: Deferred firing with ``None``.
+        """
+
+    def is_revoked(session: Session) -> Any:
+        """
+        Whether ``session`` (as opened from its token) was revoked by any of
+        the three kinds of record.
+
+        :return: Deferred firing with a `bool`.
         """

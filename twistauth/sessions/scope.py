@@ -135,8 +135,23 @@ class SessionScope:
             provider_sid=provider_sid,
         )
         if had_session:
-            self._token = yield self.cache.renew(session)
-            self._renewed = True
+            token = yield self.cache.renew(session)
+            if token is None:
+                # Ended meanwhile (logged out elsewhere): log in on a fresh one.
+                self.session = None
+                session = yield self.ensure()
+                session.log_in(
+                    user_id,
+                    roles,
+                    now=now,
+                    permanent=permanent,
+                    issuer=issuer,
+                    provider_sid=provider_sid,
+                )
+                self._token = None
+            else:
+                self._token = token
+                self._renewed = True
         return session
 
     @inlineCallbacks
@@ -146,7 +161,13 @@ class SessionScope:
         """
         if self.session is None:
             return None
-        self._token = yield self.cache.renew(self.session)
+        token = yield self.cache.renew(self.session)
+        if token is None:
+            # Ended meanwhile: the request goes on without a session.
+            self.session = None
+            self._ended = True
+            return None
+        self._token = token
         self._renewed = True
         return self.session
 

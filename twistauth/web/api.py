@@ -30,7 +30,7 @@ from twistauth.methods.envelope import Call, parse_envelope
 from twistauth.sessions._interfaces import ISessionCache
 from twistauth.sessions.scope import UNCHANGED, Commit, SessionScope
 from twistauth.web.signing import INonceStore, sign_response, verify_request
-from twistauth.web.transport import COOKIE, SessionTransport
+from twistauth.web.transport import COOKIE, HEADER, SessionTransport
 
 log = Logger()
 
@@ -52,12 +52,14 @@ class APIResource(Resource):
         max_batch_size: int,
         max_json_depth: int,
         sessions: Optional[ISessionCache] = None,
+        header_sessions: Optional[ISessionCache] = None,
         transport: Optional[SessionTransport] = None,
         nonces: Optional[INonceStore] = None,
     ) -> None:
         super().__init__()
         self.dispatcher = dispatcher
         self.sessions = sessions
+        self.header_sessions = header_sessions or sessions
         self.transport = transport if sessions is not None else None
         self.nonces = nonces
         self.max_body_bytes = max_body_bytes
@@ -101,8 +103,9 @@ class APIResource(Resource):
             token, carrier = transport.token(request)
         except TwistauthError as e:
             return self._write(request, codec, error_envelope(e))
+        cache = self.header_sessions if carrier == HEADER else self.sessions
         if token is None:
-            scope = SessionScope(self.sessions)  # type: ignore[arg-type]
+            scope = SessionScope(cache)  # type: ignore[arg-type]
             outcome = self._call(request, codec, scope, answer=False)
             if not isinstance(outcome, Deferred) and scope.untouched:
                 if carrier is not None:
@@ -110,7 +113,7 @@ class APIResource(Resource):
                 return self._write(request, codec, outcome)
             d = maybeDeferred(lambda: outcome).addCallback(self._commit, request, scope, carrier)
         else:
-            d = SessionScope.for_token(self.sessions, token).addCallback(  # type: ignore[arg-type]
+            d = SessionScope.for_token(cache, token).addCallback(  # type: ignore[arg-type]
                 self._call_with_session, request, codec, carrier
             )
         self._answer_later(request, codec, d)

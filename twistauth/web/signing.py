@@ -30,6 +30,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import Interface, implementer
 
+from twistauth import redisconn
 from twistauth.errors import AuthRequiredError
 
 TIMESTAMP = b"x-twistauth-timestamp"
@@ -105,32 +106,33 @@ class RedisNonceStore:
     """
     Nonces in Redis (``SET key 1 NX EX lifetime``), shared by every process.
 
-    :param redis: a txredisapi connection.
-    :param call: wraps a Redis call with a deadline and maps failures to
-        ``BackendUnavailableError``.
+    :param redis: a connection from `twistauth.redisconn.connect`.
+    :param clock: the clock call deadlines run on.
+    :param timeout: seconds a Redis call may take (then 503).
     """
 
-    def __init__(self, redis: Any, call: Any, prefix: str = "twistauth:nonce:") -> None:
+    def __init__(
+        self, redis: Any, clock: IReactorTime, timeout: float, prefix: str = "twistauth:nonce:"
+    ) -> None:
         self._redis = redis
-        self._call = call
+        self._clock = clock
+        self._timeout = timeout
         self._prefix = prefix
 
     def first_use(self, key: str, lifetime: float) -> Deferred[bool]:
-        d = self._call(
-            lambda: self._redis.set(
-                self._prefix + key, "1", expire=int(lifetime), only_if_not_exists=True
-            )
+        d = redisconn.call(
+            self._clock,
+            self._timeout,
+            self._redis.execute_command,
+            "SET",
+            self._prefix + key,
+            "1",
+            "NX",
+            "EX",
+            str(int(lifetime)),
+            what="the nonce store",
         )
-        return d.addCallback(lambda answer: bool(answer))
-
-
-def new_signing_key() -> str:
-    """
-    A fresh 256-bit signing key, URL-safe base64.
-    """
-    import secrets
-
-    return secrets.token_urlsafe(32)
+        return d.addCallback(lambda answer: answer is not None)
 
 
 def _key(encoded: str) -> bytes:
