@@ -329,12 +329,15 @@ def make_app(
         batch=settings.max_batch_size,
         depth=settings.max_json_depth,
     )
+    routes = make_routes()
+    # -- features mount their routes on ``routes`` below this line --------
+    # ----------------------------------------------------------------------
     return TwistauthApp(
         settings=settings,
         clock=clock,
         registry=registry,
         dispatcher=dispatcher,
-        routes=make_routes(),
+        routes=routes,
         api=api,
         services=services,
         background=tuple(background),

@@ -71,6 +71,8 @@ class Kind:
     check: Callable[[Any], Any]
     parse: Callable[[str], Any]
     repeatable: bool = False
+    table: bool = False
+    """Written as TOML tables (``[providers.NAME]``) rather than a value."""
     secret: bool = False
     """Values are keys: never shown (``repr``, logs)."""
 
@@ -312,6 +314,45 @@ def _optional_redis_url_kind() -> Kind:
     )
 
 
+def _providers_kind() -> Kind:
+    """
+    OpenID providers: a table of tables, name to settings (see
+    `twistauth.identity.config.ProviderConfig`); JSON in text sources.
+    """
+    allowed = (
+        "a table of providers, e.g. [providers.keycloak] with issuer, client_id, "
+        "client_secret and redirect_uri (JSON in environment variables and options)"
+    )
+
+    def check(value: Any) -> Tuple[Any, ...]:
+        from twistauth.identity.config import ProviderConfig
+
+        if isinstance(value, tuple):
+            if all(isinstance(v, ProviderConfig) for v in value):
+                return value
+        if not isinstance(value, dict):
+            raise ValueError(f"expected {allowed}, got {type(value).__name__}")
+        configs = []
+        for name, table in value.items():
+            if not isinstance(table, dict):
+                raise ValueError(f"provider {name!r} must be a table of settings")
+            if not name or not all(c.isalnum() or c in "_-" for c in name):
+                raise ValueError(f"provider name {name!r}: use letters, digits, '_' and '-'")
+            configs.append(ProviderConfig.from_mapping(name, table))
+        return tuple(configs)
+
+    def parse(text: str) -> Tuple[Any, ...]:
+        import json
+
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"expected {allowed}; the value is not JSON: {e}") from None
+        return check(value)
+
+    return Kind(allowed, check, parse, table=True)
+
+
 def _origin(text: str) -> str:
     scheme, sep, rest = text.partition("://")
     if scheme not in ("http", "https") or not sep or not rest or "/" in rest or "*" in rest:
@@ -533,6 +574,16 @@ class Settings:
     redis_timeout: float = setting(
         2.0, _float_kind(0.05, 60), "Deadline of every Redis call; an outage answers 503 after it."
     )
+    providers: Tuple[Any, ...] = setting(
+        (),
+        _providers_kind(),
+        "OpenID Connect providers to log in with, by name.  Each needs issuer, "
+        "client_id, client_secret ('file:PATH' keeps it off the command line) and "
+        "redirect_uri; see the OpenID Connect page for every key.",
+        example='{ keycloak = { issuer = "https://id.example/realms/main", '
+        'client_id = "twistauth", client_secret = "file:/etc/twistauth/kc.secret", '
+        'redirect_uri = "https://app.example/redirect" } }',
+    )
     exception_hook: Optional[Callable[..., Any]] = setting(
         None,
         CALLABLE,
@@ -678,8 +729,11 @@ def _read_toml(path: str, source: str) -> Dict[str, Any]:
         raise SettingsError(None, source, f"cannot be read: {e.strerror or e}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SettingsError(None, source, f"is not valid TOML: {e}") from None
+    declared = Settings.keys()
     for name, value in data.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and not (
+            name in declared and declared[name].metadata["kind"].table
+        ):
             raise SettingsError(
                 name, source, "tables are not settings; write keys at the top level"
             )
