@@ -18,8 +18,14 @@ setup(
     long_description_content_type="text/x-rst",
     license="MIT",
     python_requires=">=3.9",
-    packages=find_packages(include=["twistauth", "twistauth.*"]) + ["twisted.plugins"],
-    package_data={"twistauth": ["py.typed"]},
+    packages=find_packages(include=["twistauth", "twistauth.*"])
+    + ["twisted.plugins", "twistauth.demo_page"],
+    # The demo page's files live in examples/demo and install with the package.
+    package_dir={"twistauth.demo_page": "examples/demo"},
+    package_data={
+        "twistauth": ["py.typed"],
+        "twistauth.demo_page": ["*.html", "*.css", "*.js", "*.svg"],
+    },
     install_requires=[
         "twisted>=23.10",
         "klein>=23.5",

@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server)
+command -v chromium >/dev/null || need_apt+=(chromium)
+command -v node >/dev/null || need_apt+=(nodejs npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -qq
@@ -19,3 +21,11 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q --force-reinstall --no-deps .
 .venv/bin/python -m pip install -q '.[test]'
+
+# The browser tests drive Debian's Chromium with playwright-core (no browser
+# download); the OpenID integration tests run a real provider on Node.
+for node_project in tests/browser tests/op; do
+    if [ -f "$node_project/package-lock.json" ]; then
+        npm ci --prefix "$node_project" --no-audit --no-fund --loglevel=error
+    fi
+done

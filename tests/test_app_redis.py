@@ -6,6 +6,7 @@ session works.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any, Iterator
 
 import pytest
@@ -17,6 +18,7 @@ from twistauth.app import make_app
 from twistauth.testing import MethodClient
 
 PASSWORD = "correct horse battery staple"
+DEPLOYMENT_KEY = secrets.token_bytes(32)
 CHEAP_ARGON2 = {"argon2_time_cost": 1, "argon2_memory_cost": 8192, "argon2_parallelism": 1}
 
 
@@ -39,6 +41,7 @@ def app_on(request: Any) -> Any:
             session_cache=url,
             user_store=url,
             redis_timeout=0.5,
+            deployment_key=DEPLOYMENT_KEY,
             **CHEAP_ARGON2,
             **options,
         )

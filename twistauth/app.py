@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import attr
 from klein import Klein
 from twisted.application.service import IService, Service
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import IResource
@@ -26,6 +26,8 @@ from twistauth.accounts.build import (
     make_password_hasher,
     make_user_store,
 )
+from twistauth.bus.logout import LogoutWatcher
+from twistauth.bus.memory import MemoryBus
 from twistauth.methods.dispatch import Dispatcher
 from twistauth.methods.handler import Services
 from twistauth.methods.registry import MethodRegistry
@@ -36,11 +38,13 @@ from twistauth.sessions.redis import RedisSessionCache
 from twistauth.sessions.revocation import MemoryRevocations, RedisRevocations
 from twistauth.settings import Settings
 from twistauth.web.api import APIResource
+from twistauth.web.demo import add_demo_routes, make_demo_resource
+from twistauth.web.events import LogoutEndpoints
 from twistauth.web.root import RootResource
 from twistauth.web.routes import make_routes
 from twistauth.web.signing import INonceStore, MemoryNonceStore, RedisNonceStore
 from twistauth.web.site import TwistauthSite
-from twistauth.web.transport import SESSION_HEADER, SessionTransport
+from twistauth.web.transport import HEADER, SESSION_HEADER, SessionTransport
 
 log = Logger()
 
@@ -62,6 +66,8 @@ class TwistauthApp:
     api: APIResource = attr.ib()
     services: Services = attr.ib()
     """The parts methods see: sessions, users, passwords, throttle, bus."""
+    logout: Optional[LogoutEndpoints] = attr.ib(default=None)
+    """``/logout/wait`` and ``/events``."""
     background: Tuple[IService, ...] = attr.ib(default=())
     """Services the app needs running (the password-hashing pool, Redis
     connections): `twistauth.service.TwistauthService` starts them before
@@ -71,7 +77,20 @@ class TwistauthApp:
         """
         The resource that serves the whole application.
         """
-        return RootResource(self.settings.api_path, self.api, self.routes.resource())
+        fast: Dict[str, IResource] = {self.settings.api_path: self.api}
+        if self.logout is not None:
+            fast["/logout/wait"] = self.logout.wait
+            fast["/events"] = self.logout.events
+        return RootResource(fast, self.routes.resource())
+
+    def shutdown(self) -> Deferred[None]:
+        """
+        Answer every pending logout wait with its final "shutdown" answer
+        (call before connections are closed).
+        """
+        if self.logout is None:
+            return succeed(None)
+        return self.logout.shutdown()
 
     def site(self) -> TwistauthSite:
         """
@@ -123,18 +142,6 @@ def _is_redis(value: Optional[str]) -> bool:
     return value is not None and value.startswith(("redis://", "redis-sentinel://"))
 
 
-def shared_redis_url(settings: Settings) -> Optional[str]:
-    """
-    The Redis every process shares, if the deployment has one.
-    """
-    if settings.redis_url is not None:
-        return settings.redis_url
-    for candidate in (settings.session_cache, settings.user_store):
-        if _is_redis(candidate):
-            return candidate
-    return None
-
-
 def make_session_caches(
     settings: Settings, clock: IReactorTime, redis: RedisConnections
 ) -> Tuple[ISessionCache, ISessionCache]:
@@ -154,7 +161,7 @@ def make_session_caches(
         )
         header_cache = cache
     elif settings.session_cache == "client":
-        shared = shared_redis_url(settings)
+        shared = settings.shared_redis_url
         revocations: IRevocations
         if shared is not None:
             revocations = RedisRevocations(
@@ -221,7 +228,7 @@ def make_accounts(
         threads=settings.password_hash_threads,
         max_pending=settings.password_hash_queue,
     )
-    shared = shared_redis_url(settings)
+    shared = settings.shared_redis_url
     throttle = make_login_throttle(
         "memory" if shared is None else "redis",
         clock=clock,
@@ -234,6 +241,95 @@ def make_accounts(
     return {"users": users, "passwords": passwords, "throttle": throttle}
 
 
+class BusService(Service):
+    """
+    Starts and stops the notification bus with the server.
+    """
+
+    def __init__(self, bus: Any) -> None:
+        self.bus = bus
+
+    def startService(self) -> None:
+        super().startService()
+        self.bus.start()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.bus.stop()
+
+
+def make_bus(settings: Settings, reactor: Any) -> Any:
+    """
+    The notification bus: over the shared Redis when the deployment has one
+    (so a logout on one process wakes waiters on all), else in memory.
+    """
+    shared = settings.shared_redis_url
+    if shared is None:
+        log.info("twistauth: bus: memory (one process)")
+        return MemoryBus(clock=reactor)
+    from twistauth.bus.redis_bus import RedisBus
+
+    log.info(
+        "twistauth: bus: Redis at {address}, {mode} subscription",
+        address=redisconn.parse_url(shared).redacted(),
+        mode=settings.bus_mode,
+    )
+    return RedisBus(
+        url=shared,
+        key=settings.deployment_key,  # type: ignore[arg-type]
+        reactor=reactor,
+        mode=settings.bus_mode,
+        connect_timeout=settings.redis_timeout,
+        command_timeout=settings.redis_timeout,
+    )
+
+
+def make_logout_endpoints(
+    settings: Settings,
+    clock: IReactorTime,
+    bus: Any,
+    transport: SessionTransport,
+    sessions: ISessionCache,
+    header_sessions: ISessionCache,
+) -> LogoutEndpoints:
+    """
+    ``/logout/wait`` and ``/events``: the caller's session, found as the
+    JSON endpoint finds it, waits for its logout on the bus; a lost
+    notification is caught by re-checking the session in its cache.
+    """
+
+    def resolve_session(request: Any) -> Deferred[Any]:
+        token, carrier = transport.token(request)
+        if token is None:
+            return succeed(None)
+        cache = header_sessions if carrier == HEADER else sessions
+        return cache.load(token, touch=False)
+
+    def logged_out_reason(session: Any) -> Deferred[Optional[str]]:
+        if isinstance(sessions, ClientSessionCache):
+            if clock.seconds() >= transport.expires_at(session):
+                return succeed("expired")
+            revoked: Deferred[bool] = sessions.revocations.is_revoked(session)
+            return revoked.addCallback(lambda gone: "revoked" if gone else None)
+        found: Deferred[Any] = sessions.load(session.id, touch=False)
+        return found.addCallback(lambda live: None if live is not None else "logged_out")
+
+    watcher = LogoutWatcher(
+        bus=bus,
+        clock=clock,
+        logged_out_reason=logged_out_reason,
+        max_wait=settings.logout_max_wait,
+        max_per_session=settings.logout_max_waiters_per_session,
+        max_total=settings.logout_max_waiters,
+    )
+    return LogoutEndpoints(
+        watcher=watcher,
+        resolve_session=resolve_session,
+        clock=clock,
+        heartbeat_interval=settings.events_heartbeat_interval,
+    )
+
+
 def make_nonce_store(
     settings: Settings, clock: IReactorTime, redis: RedisConnections
 ) -> INonceStore:
@@ -241,7 +337,7 @@ def make_nonce_store(
     Where signed requests' nonces are remembered: the shared Redis when the
     deployment has one (a nonce must be refused on every process).
     """
-    shared = shared_redis_url(settings)
+    shared = settings.shared_redis_url
     if shared is None:
         return MemoryNonceStore(clock)
     return RedisNonceStore(redis.get(shared), clock, settings.redis_timeout)
@@ -294,8 +390,10 @@ def make_app(
         accounts = make_accounts(settings, clock, reactor, redis)
         background.append(accounts["passwords"])
         registry.load("twistauth.accounts.methods")
+    bus = make_bus(settings, reactor)
+    background.append(BusService(bus))
     services = Services(
-        clock=clock, settings=settings, registry=registry, sessions=sessions, **accounts
+        clock=clock, settings=settings, registry=registry, sessions=sessions, bus=bus, **accounts
     )
     dispatcher = Dispatcher(
         registry,
@@ -329,8 +427,29 @@ def make_app(
         batch=settings.max_batch_size,
         depth=settings.max_json_depth,
     )
+    logout = make_logout_endpoints(
+        settings, clock, bus, api.transport, sessions, header_sessions  # type: ignore[arg-type]
+    )
     routes = make_routes()
+    if settings.demo:
+        add_demo_routes(
+            routes,
+            make_demo_resource(settings, providers=(), logout_wait_path="/logout/wait"),
+            "/demo",
+        )
+        log.info("twistauth: demo page at /demo/ ({origin})", origin=settings.origins["demo"])
     # -- features mount their routes on ``routes`` below this line --------
+    from twistauth.identity.install import install_oidc
+
+    background += install_oidc(
+        routes=routes,
+        settings=settings,
+        clock=clock,
+        reactor=reactor,
+        services=services,
+        api=api,
+        redis=redis,
+    )
     # ----------------------------------------------------------------------
     return TwistauthApp(
         settings=settings,
@@ -341,4 +460,5 @@ def make_app(
         api=api,
         services=services,
         background=tuple(background),
+        logout=logout,
     )

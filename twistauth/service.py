@@ -8,11 +8,11 @@ leaves no delayed call behind.
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+from typing import Any, Callable, List, Sequence
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 
 from twistauth.web.site import TwistauthSite
@@ -32,9 +32,16 @@ class TwistauthService(MultiService):
         endpoints: Sequence[str],
         reactor: Any,
         background: Sequence[IService] = (),
+        before_stop: Sequence[Callable[[], Deferred[Any]]] = (),
     ) -> None:
+        """
+        :param background: services started before listening, stopped after.
+        :param before_stop: called when stopping, before anything closes
+            (answering pending long-polls with a final response).
+        """
         super().__init__()
         self.site = site
+        self.before_stop = tuple(before_stop)
         self.endpoints = tuple(endpoints)
         # Started first and stopped last (a MultiService stops in reverse).
         for service in background:
@@ -48,6 +55,10 @@ class TwistauthService(MultiService):
             log.info("twistauth: listening on {endpoint}", endpoint=description)
 
     def stopService(self) -> Deferred[Any]:
+        answered = DeferredList([maybeDeferred(hook) for hook in self.before_stop])
+        return answered.addCallback(lambda _: self._stop_children())
+
+    def _stop_children(self) -> Deferred[Any]:
         stopped: Deferred[Any] = super().stopService()
 
         def close_connections(result: Any) -> Deferred[Any]:

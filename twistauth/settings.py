@@ -353,6 +353,12 @@ def _providers_kind() -> Kind:
     return Kind(allowed, check, parse, table=True)
 
 
+def _choice(text: str, choices: Sequence[str]) -> str:
+    if text not in choices:
+        raise ValueError(f"expected one of {', '.join(map(repr, choices))}, got {text!r}")
+    return text
+
+
 def _origin(text: str) -> str:
     scheme, sep, rest = text.partition("://")
     if scheme not in ("http", "https") or not sep or not rest or "/" in rest or "*" in rest:
@@ -584,6 +590,39 @@ class Settings:
         'client_id = "twistauth", client_secret = "file:/etc/twistauth/kc.secret", '
         'redirect_uri = "https://app.example/redirect" } }',
     )
+    demo: bool = setting(
+        False,
+        BOOL,
+        "Serve the demo page at /demo/: login, the session, a method call and the "
+        "live logout watch.",
+    )
+    bus_mode: str = setting(
+        "pattern",
+        Kind(
+            "'pattern' or 'channel'",
+            lambda v: _choice(_check_str(v), ("pattern", "channel")),
+            lambda t: _choice(t, ("pattern", "channel")),
+        ),
+        "How the Redis bus subscribes: one pattern for every key (no per-wait cost, "
+        "the default) or one channel per waited key.",
+    )
+    logout_max_wait: float = setting(
+        25.0,
+        _float_kind(1, 55),
+        "Longest a /logout/wait long-poll waits before answering {\"logged_out\": false}.",
+    )
+    logout_max_waiters_per_session: int = setting(
+        4, _int_kind(1, 1000), "Open logout waits one session may hold (more: 429)."
+    )
+    logout_max_waiters: int = setting(
+        10_000,
+        _int_kind(1, 1_000_000),
+        "Open logout waits one process holds (more: 429).  Each holds a connection: "
+        "keep it under the process's open-file limit.",
+    )
+    events_heartbeat_interval: float = setting(
+        15.0, _float_kind(1, 300), "Seconds between heartbeat comments on /events streams."
+    )
     exception_hook: Optional[Callable[..., Any]] = setting(
         None,
         CALLABLE,
@@ -676,6 +715,20 @@ class Settings:
         settings._check_together()
         return settings
 
+    @property
+    def shared_redis_url(self) -> Optional[str]:
+        """
+        The Redis every process of the deployment shares: ``redis_url``, else
+        the session cache's or user store's if either is a Redis URL, else
+        ``None`` (one process, memory).
+        """
+        if self.redis_url is not None:
+            return self.redis_url
+        for url in (self.session_cache, self.user_store):
+            if url.startswith(("redis://", "redis-sentinel://")):
+                return url
+        return None
+
     def _check_together(self) -> None:
         """
         Rules that span several keys.
@@ -686,6 +739,13 @@ class Settings:
                 self.origins["session_cache"],
                 "session_cache = 'client' needs at least one key in session_keys "
                 "(32 random bytes, base64url, or 'file:PATH')",
+            )
+        if self.shared_redis_url is not None and self.deployment_key is None:
+            raise SettingsError(
+                "deployment_key",
+                "default",
+                "a deployment sharing Redis needs a deployment_key (the same on every "
+                "process: it authenticates bus messages between them)",
             )
         if self.session_idle_timeout > self.session_absolute_timeout:
             raise SettingsError(

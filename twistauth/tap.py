@@ -15,7 +15,14 @@ from typing import Any, Callable, Optional
 from twisted.application.service import IService
 from twisted.python import usage
 
-from twistauth.settings import ENV_PREFIX, Settings, SettingsError, command_line_values
+from twistauth.settings import (
+    BOOL,
+    ENV_PREFIX,
+    Kind,
+    Settings,
+    SettingsError,
+    command_line_values,
+)
 
 
 class Options(usage.Options):
@@ -50,8 +57,25 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
-def _add_option(name: str, repeatable: bool, doc: str) -> None:
-    if repeatable:
+def _add_option(name: str, kind: Kind, doc: str) -> None:
+    """
+    One command-line option per setting: a value option, a repeatable one
+    for lists, or a ``--name`` / ``--no-name`` flag pair for booleans.
+    """
+    if kind is BOOL:
+
+        def switch_on(self: Options) -> None:
+            self[name] = "true"
+
+        def switch_off(self: Options) -> None:
+            self[name] = "false"
+
+        switch_on.__doc__ = doc
+        switch_off.__doc__ = f"The opposite of --{name.replace('_', '-')}."
+        setattr(Options, "opt_" + name, switch_on)
+        setattr(Options, "opt_no_" + name, switch_off)
+        return
+    if kind.repeatable:
 
         def option(self: Options, value: str) -> None:
             self[name].append(value)
@@ -67,7 +91,7 @@ def _add_option(name: str, repeatable: bool, doc: str) -> None:
 
 
 for _name, _field in Settings.keys().items():
-    _add_option(_name, _field.metadata["kind"].repeatable, _field.metadata["doc"])
+    _add_option(_name, _field.metadata["kind"], _field.metadata["doc"])
 
 
 def makeService(options: Any, reactor: Optional[Any] = None) -> IService:
@@ -87,7 +111,9 @@ def makeService(options: Any, reactor: Optional[Any] = None) -> IService:
 
     settings: Settings = options["settings"]
     app = make_app(settings, clock=reactor, reactor=reactor)
-    return TwistauthService(app.site(), settings.listen, reactor, app.background)
+    return TwistauthService(
+        app.site(), settings.listen, reactor, app.background, before_stop=[app.shutdown]
+    )
 
 
 make_service: Callable[..., IService] = makeService

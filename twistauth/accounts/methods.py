@@ -221,7 +221,7 @@ async def change_password(handler: Any, old_password: str, new_password: str) ->
     new_hash = await passwords.hash(new_password)
     user = await _modify_user(users, user_id, lambda u: u.evolve(password_hash=new_hash))
     # End every session, this one too, then continue in a fresh one.
-    await handler.log_out_everywhere(user_id)
+    await handler.log_out_everywhere(user_id, reason="password_changed")
     await handler.log_out()
     await handler.log_in(user_id, user.roles, permanent=permanent)
     log.info("twistauth: {user_id} changed their password", user_id=user_id)

@@ -7,10 +7,12 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Optional
 
 import attr
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from twistauth.bus import handlers as bus_handlers
+from twistauth.bus.logout import publish_logout
 from twistauth.errors import BackendUnavailableError, TwistauthError
 from twistauth.sessions._interfaces import ISessionCache, Session
 from twistauth.sessions.scope import SessionScope
@@ -119,21 +121,74 @@ class Handler:
         """
         return self._scope().renew()
 
-    def log_out(self) -> Deferred[None]:
+    @inlineCallbacks
+    def log_out(self) -> Any:
         """
-        End the caller's session; the client's token is cleared.
+        End the caller's session (the client's token is cleared) and wake
+        its logout waiters on every process.
         """
-        return self._scope().log_out()
+        scope = self._scope()
+        ended = scope.session
+        yield scope.log_out()
+        if ended is not None:
+            yield self._publish(session_id=ended.id, reason="logout")
 
-    def log_out_everywhere(self, user_id: str) -> Deferred[int]:
+    @inlineCallbacks
+    def log_out_everywhere(self, user_id: str, reason: str = "logout_everywhere") -> Any:
         """
-        End every session of ``user_id``, on every process.
+        End every session of ``user_id``, on every process, and wake their
+        logout waiters.
 
         :return: Deferred firing with how many ended (-1: unknown, for
             client-side sessions, which are revoked instead).
         """
-        cache = self._scope().cache
-        return cache.delete_user(user_id)
+        count = yield self._scope().cache.delete_user(user_id)
+        yield self._publish(user_id=user_id, reason=reason)
+        return count
+
+    def _publish(self, **logout: Any) -> Deferred[Any]:
+        """
+        Tell the logout waiters.  The logout itself is already durable, and
+        waiters re-check it, so a bus failure is logged, not raised.
+        """
+        bus = self.services.bus
+        if bus is None:
+            return succeed(None)
+        d: Deferred[Any] = maybeDeferred(publish_logout, bus, **logout)
+        d.addErrback(lambda f: log.failure("could not publish a logout", f))
+        return d
+
+    def wait_for_key(self, key: Any, timeout: Optional[float] = None) -> Deferred[Any]:
+        """
+        Wait for a message on the bus (cancelled if the client goes away).
+        """
+        return bus_handlers.wait_for_key(self, key, timeout)
+
+    def wait_for_keys(self, keys: Any, timeout: Optional[float] = None) -> Deferred[Any]:
+        """
+        Wait for the first message on any of ``keys``: ``(key, message)``.
+        """
+        return bus_handlers.wait_for_keys(self, keys, timeout)
+
+    def register_event_handler(
+        self, key: Any, callback: Callable[..., Any], deregister_on_finish: bool = False
+    ) -> Any:
+        """
+        Call ``callback(message)`` for every message on ``key`` (Toto's
+        event framework); never after this request finished when
+        ``deregister_on_finish``.  :return: a handle for
+        `deregister_event_handler`.
+        """
+        return bus_handlers.register_event_handler(self, key, callback, deregister_on_finish)
+
+    def deregister_event_handler(self, handle: Any) -> None:
+        bus_handlers.deregister_event_handler(handle)
+
+    def send_event(self, key: Any, message: Any, broadcast: bool = True) -> Deferred[Any]:
+        """
+        Send ``message`` on ``key``: to every waiter, or to one.
+        """
+        return bus_handlers.send_event(self, key, message, broadcast)
 
     def respond_later(self) -> Deferred[Any]:
         """

@@ -219,11 +219,14 @@ class ISessionCache(Interface):
         :return: Deferred firing with the `Session`.
         """
 
-    def load(token: str) -> Any:
+    def load(token: str, touch: bool = True) -> Any:
         """
         The session a token names, if it is live: known, not deleted or
         revoked, within its idle and absolute timeouts, not tampered with.
-        Loading records the use (``last_seen``) when the cache needs to.
+
+        :param touch: record the use (``last_seen``, when the cache needs
+            to).  ``False`` for looks that are not the user's activity (a
+            logout long-poll), so they never keep an idle session alive.
 
         :return: Deferred firing with the `Session` or ``None``.
         """

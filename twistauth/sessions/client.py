@@ -124,7 +124,7 @@ class ClientSessionCache:
         return succeed(new_session(self.clock.seconds(), permanent))
 
     @inlineCallbacks
-    def load(self, token: str) -> Any:
+    def load(self, token: str, touch: bool = True) -> Any:
         now = self.clock.seconds()
         opened = self._sealer.open(token, purpose=self.purpose, now=now)
         if opened is None:
@@ -137,7 +137,7 @@ class ClientSessionCache:
         revoked = yield self.revocations.is_revoked(session)
         if revoked:
             return None
-        if self._timeouts.touch_due(session.last_seen, now):
+        if touch and self._timeouts.touch_due(session.last_seen, now):
             session.last_seen = now
             session.mark_fields_changed()
         if opened.stale_key:

@@ -100,14 +100,15 @@ class MemorySessionCache:
     def create(self, permanent: bool = False) -> Deferred[Session]:
         return succeed(new_session(self.clock.seconds(), permanent))
 
-    def load(self, token: str) -> Deferred[Optional[Session]]:
+    def load(self, token: str, touch: bool = True) -> Deferred[Optional[Session]]:
         if not is_session_id(token):
             return succeed(None)
         record = self._live(token)
         if record is None:
             return succeed(None)
-        record.fields["last_seen"] = json.dumps(self.clock.seconds())
-        self._records.move_to_end(token)
+        if touch:
+            record.fields["last_seen"] = json.dumps(self.clock.seconds())
+            self._records.move_to_end(token)
         session = load_session(
             token,
             {name: json.loads(text) for name, text in record.fields.items()},

@@ -85,6 +85,9 @@ STATUS_MAX = 16000
 # multi-bulk reply, so a session read as a hash list is ~10 times slower and
 # as a bulk string ~2 times slower under concurrent load.  A use is recorded
 # only when due; an expired session is deleted.
+_NEVER = 1e18
+"""A touch interval no use reaches: loads that must not count as activity."""
+
 _LOAD = """
 local h = redis.call('HGETALL', KEYS[1])
 if #h == 0 then return false end
@@ -280,16 +283,18 @@ class RedisSessionCache:
     def create(self, permanent: bool = False) -> Deferred[Session]:
         return succeed(new_session(self.clock.seconds(), permanent))
 
-    def load(self, token: str) -> Deferred[Optional[Session]]:
+    def load(self, token: str, touch: bool = True) -> Deferred[Optional[Session]]:
         if not is_session_id(token):
             return succeed(None)
         now = self.clock.seconds()
         t = self._timeouts
+        # Without ``touch`` the use is never "due", so nothing is written.
+        touch_after = t.touch_after if touch else _NEVER
         d = self._call(
             "eval",
             _LOAD,
             [self.session_key(token)],
-            [_json(now), _json(t.idle), _json(t.absolute), _json(t.touch_after)],
+            [_json(now), _json(t.idle), _json(t.absolute), _json(touch_after)],
         )
         d.addCallback(self._loaded, token, now)
         return d

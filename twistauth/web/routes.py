@@ -16,6 +16,7 @@ from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
 
 from twistauth.errors import InternalError, MethodNotAllowedError, NotFoundError, TwistauthError
 
@@ -57,6 +58,15 @@ def make_routes() -> Klein:
     def twistauth_error(request: Any, failure: Failure) -> bytes:
         error: TwistauthError = failure.value  # type: ignore[assignment]
         return error_response(request, error)
+
+    @app.handle_errors(RequestRedirect)
+    def redirect(request: Any, failure: Failure) -> bytes:
+        # werkzeug's "add the trailing slash" redirect: a path, never a host.
+        target = failure.value.new_url  # type: ignore[union-attr]
+        path = target.split("://", 1)[-1].partition("/")[2]
+        request.setResponseCode(308)
+        request.setHeader(b"location", ("/" + path).encode("utf-8"))
+        return b""
 
     @app.handle_errors(Exception)
     def unexpected(request: Any, failure: Failure) -> bytes:
