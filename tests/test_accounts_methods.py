@@ -72,6 +72,7 @@ class Harness:
             registry=registry,
             method_modules=[],
             user_store="memory",
+            acl_initial=["account.*", "session.*", "test.*"],
         )
         self.users = MemoryUserStore(clock=self.clock)
         self.passwords = PasswordHasher(

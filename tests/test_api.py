@@ -20,6 +20,10 @@ from twistauth.methods.handler import Handler
 from twistauth.methods.registry import MethodRegistry
 from twistauth.testing._client import MethodClient, Response
 
+# These tests are not about access control: every method is callable, and
+# the users they log in need not exist in a user store.
+OPEN_ACCESS = {"acl_initial": ["*"], "access_account_check": False}
+
 
 class _Base(SynchronousTestCase):
     api_path = "/api"
@@ -86,6 +90,7 @@ class _Base(SynchronousTestCase):
             return deferLater(clock, 1, lambda: _deep(5_000))
 
         self.app = make_app(
+            **OPEN_ACCESS,
             clock=self.clock,
             registry=registry,
             api_path=self.api_path,
@@ -257,8 +262,9 @@ class UnencodableTests(_Base):
 
     def test_unencodable_json(self) -> None:
         for kind in ("set", "object", "nan", "bytes_key", "deep"):
-            response = self.request("POST", b'{"method":"unencodable","parameters":{"kind":"%s"}}'
-                                    % kind.encode())
+            response = self.request(
+                "POST", b'{"method":"unencodable","parameters":{"kind":"%s"}}' % kind.encode()
+            )
             self.check_500(response)
         self.flushLoggedErrors(TypeError, ValueError, RecursionError)
 
@@ -294,9 +300,9 @@ class ClientSessionTests(SynchronousTestCase):
         def mine(handler: Handler) -> Deferred[str]:
             return handler.ensure_session().addCallback(lambda session: session.id)
 
-        client = MethodClient(make_app(clock=Clock(), registry=registry))
+        client = MethodClient(make_app(**OPEN_ACCESS, clock=Clock(), registry=registry))
         first = self.successResultOf(client.call("mine"))
         self.assertTrue([c for c in client.cookies if c.name.endswith("_csrf")])
         self.assertEqual(self.successResultOf(client.call("mine")), first)
-        stranger = MethodClient(make_app(clock=Clock(), registry=MethodRegistry()))
+        stranger = MethodClient(make_app(**OPEN_ACCESS, clock=Clock(), registry=MethodRegistry()))
         self.assertEqual(list(stranger.cookies), [])

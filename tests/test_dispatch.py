@@ -28,6 +28,10 @@ from twistauth.methods.handler import Handler
 from twistauth.methods.registry import MethodRegistry
 from twistauth.testing._client import MethodClient, Response
 
+# These tests are not about access control: every method is callable, and
+# the users they log in need not exist in a user store.
+OPEN_ACCESS = {"acl_initial": ["*"], "access_account_check": False}
+
 SECRET_DETAIL = "s3cret-detail-in-exception"
 
 
@@ -105,7 +109,7 @@ class _Base(SynchronousTestCase):
             return fail(KeyError(SECRET_DETAIL))
 
         self.registry = registry
-        self.app = make_app(clock=self.clock, registry=registry, **self.hooks)
+        self.app = make_app(**OPEN_ACCESS, clock=self.clock, registry=registry, **self.hooks)
         self.client = MethodClient(self.app)
 
     def call(self, name: str, **parameters: Any) -> Deferred[Any]:
@@ -324,7 +328,7 @@ class ExceptionHookTests(_Base):
         self.assertEqual(response.decoded()["error"]["value"], "not you")
 
     def test_hook_by_dotted_name(self) -> None:
-        app = make_app(clock=self.clock, exception_hook=f"{__name__}:map_app_errors")
+        app = make_app(**OPEN_ACCESS, clock=self.clock, exception_hook=f"{__name__}:map_app_errors")
         self.assertIs(app.dispatcher.exception_hook, map_app_errors)
 
 
@@ -361,7 +365,9 @@ class InstrumentationTests(_Base):
         # Probes for methods that do not exist are instrumented too.
         self.failureResultOf(self.call("no.such.method"), UnknownMethodError)
         (after,) = self.after
-        self.assertEqual((after.method, after.outcome, after.code), ("no.such.method", "unknown_method", 40400))
+        self.assertEqual(
+            (after.method, after.outcome, after.code), ("no.such.method", "unknown_method", 40400)
+        )
 
     def test_duration_of_async_method(self) -> None:
         d = self.call("coroutine", seconds=2.5)
@@ -432,7 +438,9 @@ class InstrumentationTests(_Base):
 
         registry = MethodRegistry()
         registry.add("sync", self.registry.get("sync").function)
-        client = MethodClient(make_app(clock=self.clock, registry=registry, after_hook=broken))
+        client = MethodClient(
+            make_app(**OPEN_ACCESS, clock=self.clock, registry=registry, after_hook=broken)
+        )
         self.assertEqual(self.successResultOf(client.call("sync", x=2)), {"x": 2})
         failures = [e for e in self.events if "log_failure" in e]
         self.assertEqual(len(failures), 1)

@@ -29,6 +29,10 @@ from twistauth.methods.envelope import Batch, Call, parse_call, parse_envelope
 from twistauth.methods.registry import MethodRegistry
 from twistauth.testing._client import MethodClient, Response
 
+# These tests are not about access control: every method is callable, and
+# the users they log in need not exist in a user store.
+OPEN_ACCESS = {"acl_initial": ["*"], "access_account_check": False}
+
 
 class ParseTests(SynchronousTestCase):
     def invalid(self, value: Any, fragment: str = "") -> InvalidEnvelopeError:
@@ -111,7 +115,7 @@ class HTTPEnvelopeTests(SynchronousTestCase):
     def setUp(self) -> None:
         registry = MethodRegistry()
         registry.add("inc", typed)
-        self.client = MethodClient(make_app(clock=Clock(), registry=registry))
+        self.client = MethodClient(make_app(**OPEN_ACCESS, clock=Clock(), registry=registry))
 
     def post(self, value: Any) -> Response:
         return self.successResultOf(self.client.post(value))
@@ -160,10 +164,8 @@ class HTTPEnvelopeTests(SynchronousTestCase):
         self.assertEqual(answers, {str(i): {"i": i} for i in range(32)})
 
     def test_configured_batch_limit(self) -> None:
-        client = MethodClient(make_app(clock=Clock(), max_batch_size=2))
-        self.failureResultOf(
-            client.batch({k: ("echo", {}) for k in "abc"}), BatchTooLargeError
-        )
+        client = MethodClient(make_app(**OPEN_ACCESS, clock=Clock(), max_batch_size=2))
+        self.failureResultOf(client.batch({k: ("echo", {}) for k in "abc"}), BatchTooLargeError)
 
     def test_body_too_large_case_86(self) -> None:
         """
@@ -214,8 +216,9 @@ json_leaves = (
 )
 json_values = st.recursive(
     json_leaves,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 method_names = st.sampled_from(
@@ -254,7 +257,7 @@ class FuzzTests(SynchronousTestCase):
     def setUp(self) -> None:
         registry = MethodRegistry()
         registry.add("inc", typed)
-        self.client = MethodClient(make_app(clock=Clock(), registry=registry))
+        self.client = MethodClient(make_app(**OPEN_ACCESS, clock=Clock(), registry=registry))
 
     def send(self, body: bytes, content_type: str, accept: str) -> Response:
         headers = {"Content-Type": content_type, "Accept": accept}
@@ -358,11 +361,15 @@ def _same(got: Any, sent: Any) -> bool:
     if isinstance(sent, float) and isinstance(got, float):
         return got == sent or (got == 0.0 and sent == 0.0)
     if isinstance(sent, list):
-        return isinstance(got, list) and len(got) == len(sent) and all(
-            _same(g, s) for g, s in zip(got, sent)
+        return (
+            isinstance(got, list)
+            and len(got) == len(sent)
+            and all(_same(g, s) for g, s in zip(got, sent))
         )
     if isinstance(sent, dict):
-        return isinstance(got, dict) and got.keys() == sent.keys() and all(
-            _same(got[k], sent[k]) for k in sent
+        return (
+            isinstance(got, dict)
+            and got.keys() == sent.keys()
+            and all(_same(got[k], sent[k]) for k in sent)
         )
     return type(got) is type(sent) and got == sent  # type: ignore[no-any-return]

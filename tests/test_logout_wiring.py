@@ -19,6 +19,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from twistauth.app import make_app
 from twistauth.methods import MethodRegistry
 
+# These tests are not about access control: every method is callable, and
+# the users they log in need not exist in a user store.
+OPEN_ACCESS = {"acl_initial": ["*"], "access_account_check": False}
+
 START = 1_800_000_000.0
 HEADER = "x-twistauth-session"
 
@@ -63,7 +67,7 @@ class LogoutWiringTests(SynchronousTestCase):
         if self.session_cache == "client":
             options["session_keys"] = [secrets.token_bytes(32)]
         self.app = make_app(
-            clock=self.clock, registry=methods(), local_accounts=False, **options
+            **OPEN_ACCESS, clock=self.clock, registry=methods(), local_accounts=False, **options
         )
         for service in self.app.background:
             service.startService()
@@ -121,7 +125,9 @@ class LogoutWiringTests(SynchronousTestCase):
             self.clock.advance(0)
         for d in waits[:2]:
             code, body = self.answer(d)
-            self.assertEqual((code, body["logged_out"], body["reason"]), (200, True, "logout_everywhere"))
+            self.assertEqual(
+                (code, body["logged_out"], body["reason"]), (200, True, "logout_everywhere")
+            )
         self.assertNoResult(waits[2])
         self.clock.advance(20)
         self.assertEqual(self.answer(waits[2]), (200, {"logged_out": False}))
@@ -185,7 +191,9 @@ class LogoutWiringTests(SynchronousTestCase):
             self.clock.advance(0)
         self.client.flush()
         response = self.successResultOf(d)
-        self.assertEqual(json.loads(self.successResultOf(response.content())), {"result": {"hello": 1}})
+        self.assertEqual(
+            json.loads(self.successResultOf(response.content())), {"result": {"hello": 1}}
+        )
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 

@@ -24,6 +24,10 @@ from twistauth.errors import AuthRequiredError
 from twistauth.methods import MethodRegistry
 from twistauth.web.signing import request_signature, response_signature
 
+# These tests are not about access control: every method is callable, and
+# the users they log in need not exist in a user store.
+OPEN_ACCESS = {"acl_initial": ["*"], "access_account_check": False}
+
 START = 1_800_000_000.0
 URL = "http://localhost/api"
 
@@ -99,7 +103,7 @@ class TransportTests(SynchronousTestCase):
         if self.session_cache == "client":
             options["session_keys"] = [secrets.token_bytes(32)]
         options.update(self.settings)
-        self.app = make_app(clock=self.clock, registry=test_methods(), **options)
+        self.app = make_app(**OPEN_ACCESS, clock=self.clock, registry=test_methods(), **options)
         self.client = StubTreq(self.app.resource())
         self.cache = self.app.api.sessions
         self.logged: List[Dict[str, Any]] = []
@@ -159,7 +163,9 @@ class TransportTests(SynchronousTestCase):
         self.assertNotIn("httponly", csrf_line[0].lower())
 
     def test_insecure_switch_drops_prefix_and_secure(self) -> None:
-        app = make_app(clock=self.clock, registry=test_methods(), session_cookie_secure=False)
+        app = make_app(
+            **OPEN_ACCESS, clock=self.clock, registry=test_methods(), session_cookie_secure=False
+        )
         client = StubTreq(app.resource())
         d = client.post(URL, data=b'{"method":"t.login","parameters":{"user_id":"a"}}')
         client.flush()
@@ -181,6 +187,7 @@ class TransportTests(SynchronousTestCase):
         line = [c for c in r.set_cookies() if c.startswith("__Host-twistauth_session=")][0]
         self.assertIn("max-age=43200", line.lower())
         self.app = make_app(
+            **OPEN_ACCESS,
             clock=self.clock,
             registry=test_methods(),
             session_absolute_timeout=30 * 86400.0,
@@ -307,7 +314,10 @@ class TransportTests(SynchronousTestCase):
 
     def test_cors_allowlist(self) -> None:
         self.app = make_app(
-            clock=self.clock, registry=test_methods(), allowed_origins=["https://app.example"]
+            **OPEN_ACCESS,
+            clock=self.clock,
+            registry=test_methods(),
+            allowed_origins=["https://app.example"],
         )
         self.client = StubTreq(self.app.resource())
         r = self.post("t.whoami", headers={"origin": "https://app.example"})

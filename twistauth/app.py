@@ -26,7 +26,9 @@ from twistauth.accounts.build import (
     make_password_hasher,
     make_user_store,
 )
+from twistauth.access import AccessControl
 from twistauth.bus.logout import LogoutWatcher
+from twistauth.caching.build import make_method_cache
 from twistauth.bus.memory import MemoryBus
 from twistauth.methods.dispatch import Dispatcher
 from twistauth.methods.handler import Services
@@ -392,8 +394,27 @@ def make_app(
         registry.load("twistauth.accounts.methods")
     bus = make_bus(settings, reactor)
     background.append(BusService(bus))
+    access = AccessControl.from_settings(settings)
+    access.check_registry(registry)
+    method_cache, cache_service = make_method_cache(
+        settings.method_cache,
+        clock=clock,
+        max_entries=settings.method_cache_max_entries,
+        timeout=settings.redis_timeout,
+    )
+    if method_cache is not None:
+        method_cache.configure(registry)
+    if cache_service is not None:
+        background.append(cache_service)
     services = Services(
-        clock=clock, settings=settings, registry=registry, sessions=sessions, bus=bus, **accounts
+        clock=clock,
+        settings=settings,
+        registry=registry,
+        sessions=sessions,
+        bus=bus,
+        access=access,
+        method_cache=method_cache,
+        **accounts,
     )
     dispatcher = Dispatcher(
         registry,
@@ -401,6 +422,7 @@ def make_app(
         exception_hook=settings.exception_hook,
         before_hook=settings.before_hook,
         after_hook=settings.after_hook,
+        authorize=access.authorize,
     )
     api = APIResource(
         dispatcher,

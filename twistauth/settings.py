@@ -353,6 +353,19 @@ def _providers_kind() -> Kind:
     return Kind(allowed, check, parse, table=True)
 
 
+def _access_check(name: str) -> Callable[[str], str]:
+    """
+    A checker from `twistauth.access`, imported when first used.
+    """
+
+    def check(text: str) -> str:
+        import twistauth.access
+
+        return getattr(twistauth.access, name)(text)  # type: ignore[no-any-return]
+
+    return check
+
+
 def _choice(text: str, choices: Sequence[str]) -> str:
     if text not in choices:
         raise ValueError(f"expected one of {', '.join(map(repr, choices))}, got {text!r}")
@@ -622,6 +635,58 @@ class Settings:
     )
     events_heartbeat_interval: float = setting(
         15.0, _float_kind(1, 300), "Seconds between heartbeat comments on /events streams."
+    )
+    acl_initial: Tuple[str, ...] = setting(
+        ("account.*", "echo", "public.*", "session.*", "time.now"),
+        _list_kind(_access_check("check_acl_pattern"), "method patterns"),
+        "The methods an anonymous session may call (default-deny; patterns are a "
+        "name, 'namespace.*' or '*').  Add your own public methods here.",
+        example="public.*",
+    )
+    acl_lifted: Tuple[str, ...] = setting(
+        ("*",),
+        _list_kind(_access_check("check_acl_pattern"), "method patterns"),
+        "The methods a logged-in session may call once its ACL is lifted (each "
+        "method's own roles= still applies).",
+    )
+    acl_role_grants: Tuple[str, ...] = setting(
+        (),
+        _list_kind(_access_check("check_role_grant"), "'role=pattern' entries"),
+        "Extra methods a role unlocks in lifted sessions, as 'role=pattern'.",
+        example="admin=admin.*",
+    )
+    acl_lift_on_login: bool = setting(
+        True, BOOL, "Lift a session's ACL when it logs in (else methods lift it)."
+    )
+    access_account_check: bool = setting(
+        True,
+        BOOL,
+        "Re-check a logged-in session's account (gone or disabled: logged out "
+        "everywhere) at most every access_recheck_interval seconds.",
+    )
+    access_recheck_interval: float = setting(
+        60.0, _float_kind(0, 86400), "Seconds between account re-checks of a session (0: every call)."
+    )
+    roles_claim: str = setting(
+        "",
+        Kind("a claim name or dotted path", _check_str, str),
+        "The OpenID claim holding a user's roles, e.g. 'groups' or 'realm_access.roles' "
+        "(empty: roles come from the user store only).",
+    )
+    roles_claim_map: Tuple[str, ...] = setting(
+        (),
+        _list_kind(_access_check("check_claim_mapping"), "'claim value=role' entries"),
+        "Map claim values to role names, as 'value=role' (unmapped values are kept as they are).",
+        example="twistauth-admins=admin",
+    )
+    method_cache: str = setting(
+        "memory",
+        _choice_or_url_kind(("memory", "none"), ("redis", "redis-sentinel")),
+        "Where @cached methods keep answers: 'memory' (one process), 'none', or a "
+        "Redis URL.  A Redis outage makes the cache a pass-through, never an error.",
+    )
+    method_cache_max_entries: int = setting(
+        10_000, _int_kind(1, 10_000_000), "Most answers the memory method cache keeps (LRU)."
     )
     exception_hook: Optional[Callable[..., Any]] = setting(
         None,

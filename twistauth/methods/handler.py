@@ -42,6 +42,10 @@ class Services:
     """The failed-login throttle (``twistauth.accounts``), or ``None``."""
     bus: Any = attr.ib(default=None)
     """The notification bus (``twistauth.bus``), or ``None``."""
+    access: Any = attr.ib(default=None)
+    """The access control (``twistauth.access.AccessControl``), or ``None``."""
+    method_cache: Any = attr.ib(default=None)
+    """The cache of ``@cached`` methods (``twistauth.caching``), or ``None``."""
 
 
 @attr.s(slots=True)
