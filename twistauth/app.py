@@ -11,6 +11,7 @@ application's site.
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
+from urllib.parse import quote
 
 import attr
 from klein import Klein
@@ -21,15 +22,16 @@ from twisted.logger import Logger
 from twisted.web.resource import IResource
 
 from twistauth import redisconn
+from twistauth.access import AccessControl
 from twistauth.accounts.build import (
     make_login_throttle,
     make_password_hasher,
     make_user_store,
 )
-from twistauth.access import AccessControl
 from twistauth.bus.logout import LogoutWatcher
-from twistauth.caching.build import make_method_cache
 from twistauth.bus.memory import MemoryBus
+from twistauth.caching.build import make_method_cache
+from twistauth.identity.install import install_oidc
 from twistauth.methods.dispatch import Dispatcher
 from twistauth.methods.handler import Services
 from twistauth.methods.registry import MethodRegistry
@@ -40,7 +42,8 @@ from twistauth.sessions.redis import RedisSessionCache
 from twistauth.sessions.revocation import MemoryRevocations, RedisRevocations
 from twistauth.settings import Settings
 from twistauth.web.api import APIResource
-from twistauth.web.demo import add_demo_routes, make_demo_resource
+from twistauth.web.auth import BACKCHANNEL_MAX_BYTES
+from twistauth.web.demo import ProviderButton, add_demo_routes, make_demo_resource
 from twistauth.web.events import LogoutEndpoints
 from twistauth.web.root import RootResource
 from twistauth.web.routes import make_routes
@@ -99,6 +102,12 @@ class TwistauthApp:
         A site serving `resource` with twistauth's limits.
         """
         s = self.settings
+        # Logout tokens are small: refuse large bodies there at header time.
+        body_limits = {b"/logout/backchannel": BACKCHANNEL_MAX_BYTES}
+        for provider in s.providers:
+            body_limits[b"/logout/backchannel/" + provider.name.encode("ascii")] = (
+                BACKCHANNEL_MAX_BYTES
+            )
         return TwistauthSite(
             self.resource(),
             clock=self.clock,
@@ -106,6 +115,7 @@ class TwistauthApp:
             request_timeout=s.request_timeout,
             idle_timeout=s.idle_timeout,
             max_connections_per_ip=s.max_connections_per_ip,
+            body_limits=body_limits,
         )
 
 
@@ -453,16 +463,6 @@ def make_app(
         settings, clock, bus, api.transport, sessions, header_sessions  # type: ignore[arg-type]
     )
     routes = make_routes()
-    if settings.demo:
-        add_demo_routes(
-            routes,
-            make_demo_resource(settings, providers=(), logout_wait_path="/logout/wait"),
-            "/demo",
-        )
-        log.info("twistauth: demo page at /demo/ ({origin})", origin=settings.origins["demo"])
-    # -- features mount their routes on ``routes`` below this line --------
-    from twistauth.identity.install import install_oidc
-
     background += install_oidc(
         routes=routes,
         settings=settings,
@@ -472,7 +472,21 @@ def make_app(
         api=api,
         redis=redis,
     )
-    # ----------------------------------------------------------------------
+    if settings.demo:
+        buttons = [
+            ProviderButton(
+                name=provider.name,
+                label=f"Sign in with {provider.name}",
+                login_url=f"/login?provider={quote(provider.name)}&next=/demo/",
+            )
+            for provider in settings.providers
+        ]
+        add_demo_routes(
+            routes,
+            make_demo_resource(settings, providers=buttons, logout_wait_path="/logout/wait"),
+            "/demo",
+        )
+        log.info("twistauth: demo page at /demo/ ({origin})", origin=settings.origins["demo"])
     return TwistauthApp(
         settings=settings,
         clock=clock,

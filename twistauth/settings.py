@@ -361,7 +361,7 @@ def _access_check(name: str) -> Callable[[str], str]:
     def check(text: str) -> str:
         import twistauth.access
 
-        return getattr(twistauth.access, name)(text)  # type: ignore[no-any-return]
+        return getattr(twistauth.access, name)(text)
 
     return check
 
@@ -406,6 +406,14 @@ def _keys_kind(single: Kind) -> Kind:
     )
 
 
+def _local_path(value: Any) -> str:
+    text = _check_str(value)
+    if text != "/" and (not text.startswith("/") or text.startswith("//") or "\\" in text):
+        raise ValueError(f"expected a path on this server such as '/' or '/home', got {text!r}")
+    return text
+
+
+API_PATH_OR_ROOT = Kind("a path on this server such as '/'", _local_path, _local_path)
 INT_BYTES = _int_kind(1, 16 * 1024 * 1024)
 API_PATH = _path_kind()
 ENDPOINTS = _list_kind(_endpoint, "Twisted server endpoint strings")
@@ -687,6 +695,36 @@ class Settings:
     )
     method_cache_max_entries: int = setting(
         10_000, _int_kind(1, 10_000_000), "Most answers the memory method cache keeps (LRU)."
+    )
+    return_origins: Tuple[str, ...] = setting(
+        (),
+        _list_kind(_origin, "origins"),
+        "Origins besides the server's own that a login's 'next' may return to "
+        "(anything else falls back to '/').",
+        example="https://app.example",
+    )
+    oidc_refresh_margin: float = setting(
+        60.0,
+        _float_kind(0, 3600),
+        "Refresh a user's access token when it expires within this many seconds.",
+    )
+    oidc_backchannel_rate_limit: int = setting(
+        60,
+        _int_kind(1, 1_000_000),
+        "Refused back-channel logout tokens one address may send per minute before 429.",
+    )
+    oidc_logout_landing: str = setting(
+        "/",
+        API_PATH_OR_ROOT,
+        "Where the browser lands after logging out at the provider.",
+    )
+    login_page_title: str = setting(
+        "Sign in", Kind("a title", _check_str, str), "The title of GET /login/page."
+    )
+    login_page_css: str = setting(
+        "",
+        Kind("CSS text", _check_str, str),
+        "Extra CSS for GET /login/page (style the provider buttons).",
     )
     exception_hook: Optional[Callable[..., Any]] = setting(
         None,

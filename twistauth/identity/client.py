@@ -592,8 +592,9 @@ class RelyingParty:
         return body
 
     def _bad_tokens(self, message: str, refresh: bool) -> Exception:
-        log.warn("token endpoint of {provider}: {reason}",
-                 provider=self.config.name, message=message)
+        log.warn(
+            "token endpoint of {provider}: {reason}", provider=self.config.name, reason=message
+        )
         if refresh:
             return ProviderBadResponseError(message)
         return LoginFailedError(message)

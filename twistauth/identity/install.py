@@ -27,7 +27,7 @@ table of provider name to label).
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import attr
 from klein import Klein
@@ -64,19 +64,6 @@ class _HTTPClientService(Service):
         if pool is not None:
             return pool.closeCachedConnections()
         return succeed(None)
-
-
-def _shared_redis_url(settings: Any) -> Optional[str]:
-    """
-    The deployment's shared Redis (``Settings.shared_redis_url``'s rule).
-    """
-    url = getattr(settings, "redis_url", None)
-    if url is not None:
-        return str(url)
-    for candidate in (settings.session_cache, settings.user_store):
-        if candidate.startswith(("redis://", "redis-sentinel://")):
-            return str(candidate)
-    return None
 
 
 def _check_paths(config: ProviderConfig) -> None:
@@ -202,7 +189,7 @@ def build_oidc(
 
         http_client = make_http_client(reactor)
         background.append(_HTTPClientService(http_client))
-    return_origins = tuple(getattr(settings, "return_origins", ()) or ())
+    return_origins = settings.return_origins
     parties: Dict[str, RelyingParty] = {
         config.name: RelyingParty(
             config=config, http_client=http_client, clock=clock, return_origins=return_origins
@@ -210,7 +197,7 @@ def build_oidc(
         for config in configs
     }
 
-    shared = _shared_redis_url(settings)
+    shared = settings.shared_redis_url
     timeout = settings.redis_timeout
     if shared is None:
         flow_store: Any = MemoryFlowStore(clock=clock)
@@ -226,7 +213,7 @@ def build_oidc(
     if users is None:
         users = _user_store(settings, clock, reactor, redis)
 
-    deployment_key = getattr(settings, "deployment_key", None)
+    deployment_key = settings.deployment_key
     if deployment_key is None:
         deployment_key = os.urandom(32)
         if users.name != "memory":
@@ -267,16 +254,11 @@ def build_oidc(
         clock=clock,
         lock=lock,
         end_sessions=end_sessions,
-        margin=float(getattr(settings, "oidc_refresh_margin", 60.0)),
-        lock_lease=float(getattr(settings, "oidc_refresh_lock_lease", 2.0)),
-        wait_timeout=float(getattr(settings, "oidc_refresh_wait", 5.0)),
+        margin=settings.oidc_refresh_margin,
         session_lifetime=settings.session_absolute_timeout,
     )
-    labels: Mapping[str, str] = dict(getattr(settings, "oidc_button_labels", None) or {})
-    page_options: Dict[str, Any] = {"labels": labels}
-    if getattr(settings, "login_page_title", None):
-        page_options["title"] = settings.login_page_title
-    if getattr(settings, "login_page_css", None):
+    page_options: Dict[str, Any] = {"title": settings.login_page_title}
+    if settings.login_page_css:
         page_options["css"] = settings.login_page_css
     oidc = OIDCRoutes(
         parties=parties,
@@ -288,10 +270,10 @@ def build_oidc(
         clock=clock,
         bus=bus,
         rate_limiter=SourceRateLimiter(
-            clock=clock, limit=int(getattr(settings, "oidc_backchannel_rate_limit", 60))
+            clock=clock, limit=settings.oidc_backchannel_rate_limit
         ),
         page=LoginPage(**page_options),
-        logout_landing=str(getattr(settings, "oidc_logout_landing", "/")),
+        logout_landing=settings.oidc_logout_landing,
         cookie_secure=secure,
     )
     for config in configs:
