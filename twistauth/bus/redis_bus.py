@@ -44,6 +44,10 @@ a local waiter if this process has one (the longest-waiting); otherwise
 the message is offered to the other processes, and those with a waiter for
 the key race for a claim (``SET <prefix>claim:<id> NX PX``), the winner
 waking its longest-waiting waiter.  Listeners everywhere see the message.
+It is best effort, not exactly-once: if a `notify_all` for the same key
+overtakes an unsettled claim and wakes the claimant's waiter first, the
+claimed message finds no waiter and is dropped.  Use `notify` for work any
+one waiter may take, and durable state for what must not be lost.
 """
 
 from __future__ import annotations
