@@ -6,6 +6,7 @@ five sources and their precedence, and every way a value can be refused.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import shutil
@@ -16,7 +17,6 @@ import tempfile
 import textwrap
 from typing import Any, Dict, Optional
 
-from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from twistauth.settings import ENV_PREFIX, Settings, SettingsError, documented_keys
@@ -412,11 +412,16 @@ class OptionsTests(_Files):
         for name in Settings.keys():
             self.assertIn("--" + name.replace("_", "-"), text)
 
-    def test_bad_value_is_usage_error(self) -> None:
+    def test_bad_value_exits_with_the_message(self) -> None:
+        # SystemExit(1) rather than a UsageError: twistd before Twisted 26
+        # exits 0 after a UsageError.
         self.patch(os, "environ", {})
-        with self.assertRaises(usage.UsageError) as caught:
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit) as caught:
             Options().parseOptions(["--max-body-bytes", "abc"])
-        message = str(caught.exception)
+        self.assertEqual(caught.exception.code, 1)
+        message = stderr.getvalue()
         self.assertIn("'max_body_bytes'", message)
         self.assertIn("command-line option --max-body-bytes", message)
 

@@ -10,6 +10,7 @@ message naming the key and the source before anything starts.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Callable, Optional
 
 from twisted.application.service import IService
@@ -54,7 +55,10 @@ class Options(usage.Options):
                 command_line=command_line_values(self),
             )
         except SettingsError as e:
-            raise usage.UsageError(str(e)) from None
+            # Exit non-zero ourselves: twistd before Twisted 26 (the one
+            # PyPy 3.9 gets) exits 0 after printing a UsageError.
+            sys.stderr.write(f"twistauth: {e}\n")
+            raise SystemExit(1) from None
 
 
 def _add_option(name: str, kind: Kind, doc: str) -> None:
