@@ -11,7 +11,7 @@ The site is driven directly: ``site.buildProtocol(address)`` connected to a
 from __future__ import annotations
 
 import json
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address, UNIXAddress
@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -420,3 +421,49 @@ class MountedTests(_Base):
         status, answer = self.post("/auth/nothing", b"{}")
         self.assertEqual(status, 404)
         self.assertEqual(answer["error"]["name"], "not_found")
+
+
+class AccessLogTests(SynchronousTestCase):
+    """
+    The access log: off by default; to the server's log or to a file; never
+    with the query string (it can carry authorization codes).
+    """
+
+    def request(self, access_log: Any) -> List[Dict[str, Any]]:
+        events: List[Dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        app = make_app(clock=Clock(), access_log=access_log, **OPEN_ACCESS)
+        site = app.site()
+        site.startFactory()
+        self.addCleanup(site.stopFactory)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        body = b'{"method":"echo","parameters":{}}'
+        channel.dataReceived(
+            b"POST /api?code=SECRET-CODE HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        self.assertIn(b"200 OK", transport.value())
+        channel.connectionLost(Failure(ConnectionDone()))
+        return events
+
+    def test_off_by_default(self) -> None:
+        events = self.request(None)
+        self.assertFalse([e for e in events if "POST /api" in formatEvent(e)])
+
+    def test_to_the_server_log(self) -> None:
+        lines = [formatEvent(e) for e in self.request("-") if "POST /api" in formatEvent(e)]
+        self.assertEqual(len(lines), 1)
+        self.assertNotIn("SECRET-CODE", lines[0])
+
+    def test_to_a_file(self) -> None:
+        path = self.mktemp()
+        events = self.request(path)
+        with open(path) as f:
+            lines = f.read().splitlines()
+        self.assertEqual(len(lines), 1)
+        self.assertIn('"POST /api HTTP/1.1" 200', lines[0])
+        self.assertNotIn("SECRET-CODE", lines[0])
+        self.assertFalse([e for e in events if "POST /api" in formatEvent(e)])

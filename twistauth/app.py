@@ -116,6 +116,7 @@ class TwistauthApp:
             idle_timeout=s.idle_timeout,
             max_connections_per_ip=s.max_connections_per_ip,
             body_limits=body_limits,
+            access_log=s.access_log,
         )
 
 

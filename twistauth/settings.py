@@ -353,6 +353,27 @@ def _providers_kind() -> Kind:
     return Kind(allowed, check, parse, table=True)
 
 
+def _log_path(text: str) -> str:
+    """
+    ``"-"``, or a file path that can be appended to (checked now, so a bad
+    path stops the server at start-up, naming the path).
+    """
+    if text == "-":
+        return text
+    import os
+
+    path = os.path.abspath(text)
+    if os.path.isdir(path):
+        raise ValueError(f"{text!r} is a directory, not a log file")
+    if os.path.exists(path):
+        writable = os.access(path, os.W_OK)
+    else:
+        writable = os.access(os.path.dirname(path), os.W_OK | os.X_OK)
+    if not writable:
+        raise ValueError(f"cannot write the log file {path!r}")
+    return text
+
+
 def _access_check(name: str) -> Callable[[str], str]:
     """
     A checker from `twistauth.access`, imported when first used.
@@ -485,6 +506,19 @@ class Settings:
     )
     idle_timeout: float = setting(
         60.0, _float_kind(0.1, 3600), "Seconds an idle keep-alive connection is kept open."
+    )
+    access_log: Optional[str] = setting(
+        None,
+        Kind(
+            "a writable file path, '-' for the server's log, or unset (none)",
+            lambda v: None if v is None else _log_path(_check_str(v)),
+            lambda t: _log_path(t) if t else None,
+        ),
+        "Write an access log line per request (never query strings or referrers, "
+        "which can carry codes and tokens): to a file (cheap: written directly), or "
+        "'-' to the server's own log (through twisted.logger: it costs about a third "
+        "of the JSON endpoint's throughput).  Unset: no access log.",
+        example="/var/log/twistauth/access.log",
     )
     max_connections_per_ip: int = setting(
         256, _int_kind(1, 1_000_000), "Most open connections from one client address."

@@ -224,14 +224,21 @@ class TwistauthSite(Site):
         idle_timeout: float,
         max_connections_per_ip: int,
         body_limits: Optional[Dict[bytes, int]] = None,
+        access_log: Optional[str] = None,
     ) -> None:
+        """
+        :param access_log: a file to write access log lines to, ``"-"`` for
+            the server's own log, or ``None`` for no access log.
+        """
         super().__init__(
             resource,
             timeout=idle_timeout,
             parsePOSTFormSubmission=False,
             reactor=clock,
             logFormatter=access_log_line,
+            logPath=access_log if access_log not in (None, "-") else None,
         )
+        self._access_log = access_log
         self.clock = clock
         self.request_timeout = request_timeout
         self.max_body_bytes = max_body_bytes
@@ -239,6 +246,10 @@ class TwistauthSite(Site):
         self._body_limits = dict(body_limits or {})
         self._open: Dict[str, int] = {}
         self._channels: Set[GuardedChannel] = set()
+
+    def log(self, request: Any) -> None:
+        if self._access_log is not None:
+            super().log(request)
 
     def body_limit(self, raw_path: bytes) -> int:
         """
