@@ -11,6 +11,9 @@ The site is driven directly: ``site.buildProtocol(address)`` connected to a
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from typing import Any, Dict, List, Optional
 
 from treq.testing import StubTreq
@@ -459,7 +462,9 @@ class AccessLogTests(SynchronousTestCase):
         self.assertNotIn("SECRET-CODE", lines[0])
 
     def test_to_a_file(self) -> None:
-        path = self.mktemp()
+        directory = tempfile.mkdtemp(prefix="twistauth-access-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "access.log")
         events = self.request(path)
         with open(path) as f:
             lines = f.read().splitlines()
