@@ -425,3 +425,51 @@ class RPInitiatedLogoutTests(_Base):
         self.assertEqual(len(recorded), 1)
         self.assertTrue(recorded[0][0].startswith("logout:session:"))
         self.assertEqual(recorded[0][1], {"reason": "logout"})
+
+
+class FrontchannelTests(_Base):
+    """
+    Front-Channel Logout 1.0 (checklist #66): the provider loads
+    ``/logout/frontchannel?iss=&sid=`` in an iframe, usually without cookies.
+    """
+
+    def frontchannel(self, **query: str) -> Any:
+        # A fresh browser: the iframe's request carries no session cookie.
+        return self.h.browser().get("/logout/frontchannel?" + urlencode(query))
+
+    def test_matching_iss_and_sid_ends_that_session(self) -> None:
+        one, two = self.logged_in(), self.logged_in()
+        sid = self.session_of(one).provider_sid
+        answer = self.frontchannel(iss=self.fake.issuer, sid=sid)
+        self.assertEqual(answer.code, 200)
+        self.assertEqual(answer.header("cache-control"), "no-store")
+        policy = answer.header("content-security-policy") or ""
+        issuer = urlsplit(self.fake.issuer)
+        self.assertIn(f"frame-ancestors {issuer.scheme}://{issuer.netloc}", policy)
+        self.assertIsNone(answer.header("x-frame-options"))
+        self.assertIsNone(self.session_of(one))
+        self.assertIsNotNone(self.session_of(two))
+
+    def test_mismatch_is_ignored(self) -> None:
+        one = self.logged_in()
+        sid = self.session_of(one).provider_sid
+        for query in (
+            {"iss": self.fake.issuer + "/other", "sid": sid},
+            {"iss": self.fake.issuer, "sid": sid + "x"},
+            {"iss": self.fake.issuer},
+            {"sid": sid},
+            {},
+        ):
+            answer = self.frontchannel(**query)
+            self.assertEqual(answer.code, 200, query)
+            self.assertIn("frame-ancestors", answer.header("content-security-policy") or "")
+        self.assertIsNotNone(self.session_of(one))
+
+    def test_repeated_parameters_are_ignored(self) -> None:
+        one = self.logged_in()
+        sid = self.session_of(one).provider_sid
+        answer = self.h.browser().get(
+            "/logout/frontchannel?" + urlencode([("iss", self.fake.issuer), ("sid", sid), ("sid", sid)])
+        )
+        self.assertEqual(answer.code, 200)
+        self.assertIsNotNone(self.session_of(one))

@@ -277,6 +277,14 @@ def _error_page(request: Any, error: TwistauthError) -> bytes:
     return html_page(request, error.status, title, "".join(parts))
 
 
+def _origin_of(url: str) -> str:
+    """
+    ``scheme://host[:port]`` of a URL (for a CSP source).
+    """
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
 def _json(request: Any, status: int, value: Any) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
@@ -414,7 +422,7 @@ class OIDCRoutes:
         init=False,
         factory=lambda: dict.fromkeys(
             ("logins_started", "logins_finished", "logins_failed", "backchannel_ok",
-             "backchannel_refused", "logouts"), 0
+             "backchannel_refused", "logouts", "frontchannel"), 0
         ),
     )
 
@@ -700,6 +708,49 @@ class OIDCRoutes:
                          user_id=user_id, error=str(e))
         return len(ended) + (1 if everything else 0)
 
+    # -- GET /logout/frontchannel ------------------------------------------
+
+    def frontchannel(self, request: Any) -> Any:
+        d = ensureDeferred(self._frontchannel(request))
+
+        def failed(failure: Any) -> bytes:
+            # Never an error page in the provider's iframe; the logout is
+            # best effort by definition (the provider may not even load it).
+            if not failure.check(TwistauthError):
+                log.failure("twistauth: front-channel logout failed", failure)
+            return html_page(request, 200, "Signed out", "")
+
+        return d.addErrback(failed)
+
+    async def _frontchannel(self, request: Any) -> bytes:
+        """
+        OpenID Connect Front-Channel Logout 1.0: the provider loads this in
+        an iframe with ``iss`` and ``sid``.  Only sessions bound to exactly
+        that issuer and provider session end (found server-side: the
+        iframe's request often carries no cookies); anything else is
+        ignored, so the page cannot be used to log arbitrary users out.
+        """
+        issuer = _single_arg(request, b"iss")
+        sid = _single_arg(request, b"sid")
+        party = next(
+            (p for p in self.parties.values() if issuer is not None and p.config.issuer == issuer),
+            None,
+        )
+        if party is not None and sid:
+            for cache in self.access.caches():
+                await cache.delete_provider_session(party.config.issuer, sid)
+            self._publish(reason="frontchannel", provider_session=(party.config.issuer, sid))
+            self.counts["frontchannel"] += 1
+        body = html_page(request, 200, "Signed out", "")
+        # The provider frames this page: allow its origin, and only it.
+        frame = _origin_of(party.config.issuer) if party is not None else "'none'"
+        request.setHeader(
+            b"content-security-policy",
+            f"default-src 'none'; frame-ancestors {frame}".encode("ascii"),
+        )
+        request.responseHeaders.removeHeader(b"x-frame-options")
+        return body
+
     # -- POST /logout ---------------------------------------------------------
 
     def logout(self, request: Any) -> Any:
@@ -928,6 +979,10 @@ def mount(routes: Klein, oidc: OIDCRoutes, *, logout_route: bool = True) -> None
     @routes.route("/logout/return", methods=["GET"])
     def logout_return(request: Any) -> Any:
         return oidc.logout_return(request)
+
+    @routes.route("/logout/frontchannel", methods=["GET"])
+    def frontchannel(request: Any) -> Any:
+        return oidc.frontchannel(request)
 
     if logout_route:
 
