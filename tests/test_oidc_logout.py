@@ -322,6 +322,18 @@ class RPInitiatedLogoutTests(_Base):
             "X-Twistauth-CSRF": browser.cookie(CSRF), "Origin": "https://evil.example"})
         self.assertEqual(foreign.code, 403)
         self.assertIsNotNone(self.session_of(browser))
+        # "Origin: null" (a form on a no-referrer page) still needs the token.
+        opaque = browser.post("/logout", headers={"Origin": "null"})
+        self.assertEqual(opaque.code, 403)
+        self.assertIsNotNone(self.session_of(browser))
+
+    def test_opaque_origin_with_the_csrf_token(self) -> None:
+        browser = self.logged_in()
+        answer = browser.post(
+            "/logout", headers={"Origin": "null", "X-Twistauth-CSRF": browser.cookie(CSRF)}
+        )
+        self.assertEqual(answer.code, 302)
+        self.assertIsNone(self.session_of(browser))
 
     def test_logout_then_provider(self) -> None:
         """

@@ -33,63 +33,33 @@
 'use strict';
 
 const assert = require('node:assert/strict');
-const fs = require('node:fs');
-const path = require('node:path');
-const { chromium } = require('playwright-core');
+const {
+  CONTEXT_OPTIONS,
+  SWITCH_LIMIT_MS,
+  checkCommandLine,
+  launch,
+  recorder,
+  roundMs,
+  view,
+  waitForSwitch,
+  waitForView,
+  waitForWatch,
+} = require('./common');
 
-const REQUIRED_FLAGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--no-first-run',
-];
-const VIEWPORT = { width: 1120, height: 760 };
 const USER = 'ada';
 const PASSWORD = 'correct horse battery staple';
-const SWITCH_LIMIT_MS = 1000;
 
 const [base, artifacts] = process.argv.slice(2);
 if (!base || !artifacts) {
   console.error('usage: node demo_flow.js BASE_URL ARTIFACT_DIR');
   process.exit(2);
 }
-fs.mkdirSync(artifacts, { recursive: true });
 
-const started = Date.now();
-const result = { screenshots: [], switch_ms: {}, logout_answer_ms: {} };
-const problems = []; // JavaScript errors on any page
-const secrets = new Set([PASSWORD]); // must never reach the page or the server's log
-
-function step(text) {
-  console.log(`[${((Date.now() - started) / 1000).toFixed(2)} s] ${text}`);
-}
-
-async function shoot(page, name) {
-  const file = path.join(artifacts, name + '.png');
-  await page.screenshot({ path: file, fullPage: true });
-  result.screenshots.push(name + '.png');
-}
-
-function watchErrors(page, label) {
-  page.on('pageerror', (error) => problems.push(`${label}: ${error.message}`));
-  page.on('console', (message) => {
-    // Chromium logs every non-2xx response ("Failed to load resource"):
-    // the 401 of a wrong password is expected.  Anything else is a problem.
-    if (message.type() === 'error' && !message.text().startsWith('Failed to load resource')) {
-      problems.push(`${label}: console: ${message.text()}`);
-    }
-  });
-}
-
-async function view(page) {
-  return page.evaluate(() => document.body.dataset.view);
-}
-
-async function waitForView(page, name, timeout = 5000) {
-  await page.waitForFunction((n) => document.body.dataset.view === n, name, { timeout });
-}
+const {
+  result, problems, secrets, step, shoot, watchErrors, rememberSecrets, checkServerLog, finish, fail,
+} = recorder(artifacts);
+result.logout_answer_ms = {};
+secrets.add(PASSWORD); // must never reach the page or the server's log
 
 async function openDemo(context, label) {
   const page = await context.newPage();
@@ -106,17 +76,6 @@ async function fillLogin(page, userId, password) {
   await page.fill('#password', password);
 }
 
-/* Wait until a page's long-poll is open: the page counted a poll and the
- * request is on the wire (the badge says "live"). */
-async function waitForWatch(page) {
-  await page.waitForFunction(
-    () => window.twistauthDemo.polls > 0 && !document.getElementById('watch-badge').hidden &&
-      document.getElementById('watch-badge').classList.contains('live'),
-  );
-  // The fetch was issued before the badge was set; give it a moment to reach the server.
-  await page.waitForTimeout(150);
-}
-
 /* Click a button on `actor` and time how long until `watcher` shows the
  * signed-out view, both on the performance timeline (shared by the pages of
  * one browser process: timeOrigin + now()). */
@@ -128,72 +87,21 @@ async function timeSwitch(actor, buttonId, watcher) {
     document.getElementById(id).click();
     return t;
   }, buttonId);
-  await watcher.waitForFunction(
-    (b) => window.twistauthDemo.signedOutAt !== null && window.twistauthDemo.signedOutAt !== b,
-    before,
-    { timeout: 5000, polling: 'raf' },
-  );
-  const switchedAt = await watcher.evaluate(() => window.twistauthDemo.signedOutAt);
+  const switchedAt = await waitForSwitch(watcher, before);
   const response = await answered;
   const timing = response.request().timing();
   return {
-    switch_ms: Math.round((switchedAt - clickedAt) * 10) / 10,
-    logout_answer_ms: Math.round((timing.responseEnd >= 0 ? timing.responseEnd : NaN) * 10) / 10,
+    switch_ms: roundMs(switchedAt - clickedAt),
+    logout_answer_ms: roundMs(timing.responseEnd >= 0 ? timing.responseEnd : NaN),
   };
 }
 
-/* Remember the context's cookie values: secrets to look for in the log. */
-async function rememberSecrets(context) {
-  for (const cookie of await context.cookies()) {
-    if (/twistauth_session/.test(cookie.name) && cookie.value) {
-      secrets.add(cookie.value);
-    }
-  }
-}
-
-/* The server's log (SERVER_LOG, when given) holds no password, session id
- * or CSRF token. */
-function checkServerLog() {
-  const file = process.env.SERVER_LOG;
-  if (!file) {
-    return;
-  }
-  const log = fs.readFileSync(file, 'utf8');
-  assert.ok(log.includes('logged in'), 'the server log is the live one');
-  let found = 0;
-  for (const secret of secrets) {
-    if (log.includes(secret)) {
-      found += 1;
-    }
-  }
-  assert.equal(found, 0, `${found} of ${secrets.size} secrets appear in the server log`);
-  result.secrets_checked_in_log = secrets.size;
-}
-
-async function checkCommandLine(browser) {
-  const page = await browser.newPage();
-  await page.goto('chrome://version');
-  const line = await page.textContent('#command_line');
-  await page.close();
-  for (const flag of REQUIRED_FLAGS) {
-    assert.ok(line.split(/\s+/).includes(flag), `Chromium runs with ${flag}`);
-  }
-  assert.match(line, /--user-data-dir=\S+/, 'Chromium runs with its own fresh --user-data-dir');
-  result.chromium_version = browser.version();
-}
-
 async function main() {
-  const browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-    headless: true,
-    // playwright-core also makes a fresh --user-data-dir for every launch
-    // and deletes it on close; checkCommandLine checks both.
-    args: REQUIRED_FLAGS,
-  });
+  const browser = await launch();
   try {
-    await checkCommandLine(browser);
+    result.chromium_version = await checkCommandLine(browser);
     step(`Chromium ${browser.version()} started with the required flags`);
-    const options = { viewport: VIEWPORT, locale: 'en-GB', timezoneId: 'UTC' };
+    const options = CONTEXT_OPTIONS;
     const context = await browser.newContext(options);
 
     // 01 The login page.
@@ -377,14 +285,7 @@ async function main() {
   } finally {
     await browser.close();
   }
-  result.seconds = (Date.now() - started) / 1000;
-  console.log('RESULT ' + JSON.stringify(result));
+  finish();
 }
 
-main().catch((error) => {
-  console.error(error && error.stack ? error.stack : error);
-  if (problems.length) {
-    console.error('JavaScript errors on the pages:\n  ' + problems.join('\n  '));
-  }
-  process.exit(1);
-});
+main().catch(fail);

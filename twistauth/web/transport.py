@@ -107,16 +107,21 @@ class SessionTransport:
             return None, None
         return raw.decode("ascii", "replace"), COOKIE
 
-    def check_origin(self, request: Any) -> None:
+    def check_origin(self, request: Any, *, opaque_ok: bool = False) -> None:
         """
         Refuse a state-changing request whose ``Origin`` is neither the
         server's own nor allowed (login CSRF included: this runs whether or
         not a session is presented).
 
+        :param opaque_ok: also accept ``Origin: null``, which browsers send
+            for a form posted from a ``Referrer-Policy: no-referrer`` page;
+            only for routes that then insist on the session's CSRF token.
         :raises CSRFError: a foreign origin.
         """
         origin = request.getHeader(b"origin")
         if origin is None or self.origin_allowed(request, origin):
+            return
+        if opaque_ok and origin == b"null":
             return
         raise CSRFError("requests from this origin are not allowed")
 
