@@ -40,6 +40,7 @@ setup(
         "PyYAML>=6",
         "hyperlink>=21",
         "service-identity>=21",
+        "prometheus-client>=0.20",
         "tomli>=1.1; python_version < '3.11'",
     ],
     extras_require={

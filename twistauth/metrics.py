@@ -24,6 +24,7 @@ What is counted (names carry the ``twistauth_`` prefix)::
     redis_errors_total{kind}
     log_events_total{level}                         from the log pipeline
     alert_mails_total{result}, alert_events_dropped_total{reason}
+    <name>{stat}                                    any component's stats()
 
 Label values come from code (route names, method names, error names), not
 from clients; still, each family keeps at most ``max_series`` label sets and
@@ -366,6 +367,22 @@ class Metrics:
         return remove
 
     # -- other sources ----------------------------------------------------------
+
+    def watch_stats(self, name: str, doc: str, source: Callable[[], Dict[str, Any]]) -> None:
+        """
+        Export a component's ``stats()`` dict (the bus, the logout watcher)
+        as one gauge family ``<prefix><name>{stat="..."}``, read at scrape
+        time.
+        """
+        full_name = self.prefix + name
+
+        def families() -> Iterator[Metric]:
+            family = GaugeMetricFamily(full_name, doc, labels=("stat",))
+            for stat, value in source().items():
+                family.add_metric([str(stat)], float(value))
+            yield family
+
+        self._watched.append(families)
 
     def watch_logging(self, pipeline: Any) -> None:
         """

@@ -1,9 +1,10 @@
 """
 Logging for twistauth on ``twisted.logger``: one redaction filter in front
-of text, JSON-lines, rotating-file and alert-mail observers, request ids,
-and the start-up wiring.
+of text, JSON-lines, rotating-file and alert-mail observers, request ids, a
+batched access log, and the start-up wiring.
 """
 
+from twistauth.observe._access import AccessLog
 from twistauth.observe._alerts import AlertObserver, MemoryMailSender, SMTPMailSender
 from twistauth.observe._interfaces import IMailSender
 from twistauth.observe._pipeline import (
@@ -13,7 +14,9 @@ from twistauth.observe._pipeline import (
     LogPipeline,
     LogSetupError,
     ObserverSpec,
+    build_access_log,
     build_logging,
+    check_log_files,
     check_observer_spec,
     logging_from_settings,
     offer_twistd_observer,
@@ -39,6 +42,7 @@ from twistauth.observe._sinks import event_as_dict, format_json, format_text, pa
 
 __all__ = [
     "REDACTED",
+    "AccessLog",
     "REQUEST_ID_HEADER",
     "AlertObserver",
     "AlertSettings",
@@ -57,7 +61,9 @@ __all__ = [
     "RequestLogger",
     "SMTPMailSender",
     "bind_request_id",
+    "build_access_log",
     "build_logging",
+    "check_log_files",
     "check_observer_spec",
     "event_as_dict",
     "format_json",

@@ -21,8 +21,9 @@ logged (never mailed: the observer ignores its own namespace and the SMTP
 client's legacy log lines), and the next batch is tried as usual.
 
 `SMTPMailSender` sends with ``twisted.mail.smtp`` (plain, STARTTLS or
-implicit TLS, optional AUTH).  ``twisted.mail.smtp`` is imported on first
-send only: importing it installs the default reactor.
+implicit TLS, optional AUTH).  ``twisted.mail.smtp`` is imported when a
+sender is made (at start-up), not when this module is: importing it
+installs the default reactor and asks DNS for this host's name.
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ class SMTPMailSender:
         if value not in _TLS_MODES:
             raise ValueError(f"expected tls to be one of {_TLS_MODES}, got {value!r}")
 
+    def __attrs_post_init__(self) -> None:
+        # Imported now, at start-up, not at the first alert: the import
+        # installs the default reactor if none is, and asks DNS for this
+        # host's name (socket.getfqdn), which may block.
+        import twisted.mail.smtp  # noqa: F401
+
     def _tls_options(self) -> Any:
         from twisted.internet.ssl import Certificate, optionsForClientTLS
 
@@ -137,8 +144,7 @@ class SMTPMailSender:
             requireTransportSecurity=self.tls == "starttls",
         )
         factory.protocol = QuietSender
-        if self.helo:
-            factory.domain = self.helo.encode("idna")
+        factory.domain = (self.helo or socket.gethostname()).encode("idna")
         state["factory"] = factory
         if self.tls == "implicit":
             state["connector"] = self.reactor.connectSSL(
@@ -250,6 +256,9 @@ class AlertObserver:
         self.timeout = timeout
         self.max_event_chars = max_event_chars
         self.hostname = hostname or socket.gethostname()
+        self._msgid_domain = "".join(
+            c for c in self.hostname if c.isalnum() or c in ".-"
+        ) or "localhost"
         self._lock = threading.Lock()
         self._events: List[str] = []
         self._overflow = 0
@@ -272,14 +281,18 @@ class AlertObserver:
         system = event.get("log_system")
         if isinstance(system, str) and system.startswith(_OWN_SYSTEMS):
             return
-        text = format_text(event)
-        if len(text) > self.max_event_chars:
-            text = text[: self.max_event_chars] + "\n\t...[cut]\n"
+        text = None
+        if len(self._events) < self.max_events:
+            # Only events that will be listed are formatted: a storm of
+            # overflowing events costs a counter each.
+            text = format_text(event)
+            if len(text) > self.max_event_chars:
+                text = text[: self.max_event_chars] + "\n\t...[cut]\n"
         with self._lock:
             if self._stopped:
                 return
             self.received += 1
-            if len(self._events) < self.max_events:
+            if text is not None and len(self._events) < self.max_events:
                 self._events.append(text)
             else:
                 self._overflow += 1
@@ -371,7 +384,9 @@ class AlertObserver:
         msg["From"] = self.from_address
         msg["To"] = ", ".join(self.to_addresses)
         msg["Date"] = formatdate(now, usegmt=True)
-        msg["Message-ID"] = make_msgid("twistauth-alert")
+        # A domain of our own: make_msgid would otherwise ask DNS (getfqdn),
+        # which blocks.
+        msg["Message-ID"] = make_msgid("twistauth-alert", domain=self._msgid_domain)
         msg["Auto-Submitted"] = "auto-generated"
         msg["X-Auto-Response-Suppress"] = "All"
         lines = [

@@ -44,6 +44,7 @@ from twisted.logger import ILogObserver, LogEvent, LogPublisher
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
+from twistauth.observe._access import AccessLog
 from twistauth.observe._alerts import AlertObserver, SMTPMailSender
 from twistauth.observe._interfaces import IMailSender
 from twistauth.observe._redact import Redactor
@@ -285,7 +286,8 @@ class LogPipeline:
 
     :ivar counts: events seen, by level name (before the level check).
     :ivar sink_errors: times a sink raised (the event is dropped for that
-        sink; nothing is logged about it, to avoid a loop).
+        sink; nothing is logged about it, to avoid a loop), or an event
+        could not be redacted (the sinks get a line saying so instead).
     """
 
     def __init__(self, *, sinks: Sequence[Any], redactor: Optional[Redactor] = None) -> None:
@@ -304,7 +306,19 @@ class LogPipeline:
         self.counts[self._names[level]] += 1
         if level < self._lowest:
             return
-        redacted = self.redactor.redact_event(event)
+        try:
+            redacted = self.redactor.redact_event(event)
+        except Exception as e:
+            # Never let an event through unredacted; say that one was lost.
+            self.sink_errors += 1
+            text = f"a log event could not be redacted and was dropped ({type(e).__name__})"
+            redacted = {
+                "log_level": event.get("log_level"),
+                "log_namespace": "twistauth.observe",
+                "log_time": event.get("log_time"),
+                "log_text": text,
+                "log_format": text,
+            }
         for sink in self.sinks:
             if level >= sink.level:
                 try:
@@ -359,6 +373,63 @@ def _open_log_file(spec: ObserverSpec) -> LogFile:
         raise LogSetupError(
             f"cannot open the log file {path!r} for writing: {e.strerror or e}"
         ) from None
+
+
+def check_log_files(observers: Sequence[Union[str, ObserverSpec]]) -> None:
+    """
+    Check every description and that every log file can be opened for
+    writing, without keeping anything open and without a reactor: for
+    option parsing (``twistd``'s ``postOptions``), so a bad path stops the
+    program before it starts.
+
+    :raises LogSetupError: as `build_logging` would.
+    """
+    for item in observers:
+        try:
+            spec = item if isinstance(item, ObserverSpec) else parse_observer_spec(item)
+        except ValueError as e:
+            raise LogSetupError(str(e)) from None
+        if spec.kind == "file":
+            _open_log_file(spec).close()
+
+
+def build_access_log(
+    description: Optional[str],
+    *,
+    clock: Any,
+    streams: Optional[Mapping[str, IO[str]]] = None,
+    flush_interval: float = 1.0,
+) -> Optional[AccessLog]:
+    """
+    The access log a description asks for (the same descriptions as the
+    observers': ``text``, ``json``, ``file:PATH:format=json:max_bytes=...``),
+    or ``None`` for ``None``, ``""`` or ``"none"``.  Add it to the service
+    tree (it flushes on a timer) and call `AccessLog.log` once per request.
+
+    :raises LogSetupError: for a bad description or a file that cannot be
+        opened (naming the path).
+    """
+    if not description or description.strip().lower() == "none":
+        return None
+    try:
+        spec = parse_observer_spec(description)
+    except ValueError as e:
+        raise LogSetupError(f"bad access log: {e}") from None
+    if spec.kind == "smtp":
+        raise LogSetupError("the access log goes to text, json or file, not smtp")
+    if spec.kind == "file":
+        return AccessLog(
+            target=_open_log_file(spec),
+            clock=clock,
+            format=spec.format,
+            flush_interval=flush_interval,
+        )
+    chosen = dict(streams or {})
+    stream = chosen.get(spec.stream) or (
+        sys.__stdout__ if spec.stream == "stdout" else sys.__stderr__
+    )
+    assert stream is not None
+    return AccessLog(target=stream, clock=clock, format=spec.kind, flush_interval=flush_interval)
 
 
 @attr.s(frozen=True, kw_only=True)

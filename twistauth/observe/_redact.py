@@ -267,7 +267,8 @@ def _pairs(text: str) -> str:
         end = at
         while end > done and text[end - 1] in " \t":
             end -= 1
-        if end > done and text[end - 1] in "\"'":
+        quoted = end > done and text[end - 1] in "\"'"
+        if quoted:
             end -= 1
         start = end
         while start > done and end - start < 64 and text[start - 1] in _KEY_CHARS:
@@ -279,6 +280,10 @@ def _pairs(text: str) -> str:
         key = text[start:end]
         level = key_sensitivity(key)
         if level == _PLAIN:
+            continue
+        if level == _WEAK and not quoted and text[at] != "=":
+            # "sessions: memory cache" is prose; "state=..", "'code': .."
+            # and '"sid": ..' are data.
             continue
         value_at = sep.end()
         while value_at < len(text) and text[value_at] in " \t":
@@ -384,21 +389,24 @@ def _redact_traceback(traceback: str) -> str:
     """
     Redact a traceback's messages but not its frames: a frame's file, line,
     function name and source line are code, and function names are what a
-    reader needs (some look random to `looks_random`).
+    reader needs (some look random to `looks_random`).  Everything from the
+    first line that is not part of the frame list on (the exception and its
+    message, which may span lines) is redacted.
     """
     lines = traceback.split("\n")
     out: List[str] = []
     source_next = False
-    for line in lines:
+    for i, line in enumerate(lines):
         if line.startswith('  File "'):
-            out.append(line)
             source_next = True
         elif source_next and line.startswith("    "):
-            out.append(line)
+            source_next = False
+        elif line.startswith(("Traceback (most recent call last)", "--- <exception caught here> ---")):
             source_next = False
         else:
-            out.append(redact_text(line))
-            source_next = False
+            out.extend(redact_text(rest) for rest in lines[i:])
+            break
+        out.append(line)
     return "\n".join(out)
 
 
