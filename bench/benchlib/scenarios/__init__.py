@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import Any, Callable, Dict
 
 from benchlib.harness import Scenario
-from benchlib.scenarios import echo
+from benchlib.scenarios import cached, echo, sessions
 
 SCENARIOS: Dict[str, Callable[[Any], Scenario]] = {
     "echo": echo.build,
+    "sessions": sessions.build,
+    "cached": cached.build,
 }
