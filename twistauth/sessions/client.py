@@ -106,6 +106,25 @@ class ClientSessionCache:
             max_length=self.size_limit,
         )
 
+    def replace_keys(self, keys: Sequence[bytes]) -> None:
+        """
+        Seal with ``keys`` from now on (a rotation on reload): the first
+        seals, all open.  Tokens sealed with a key still listed keep
+        opening and are re-sealed with the new first key when used; tokens
+        sealed with a key no longer listed stop opening.
+
+        :raises twistauth.sessions.sealing.KeyringError: a key is unusable;
+            the old keys stay in use.
+        """
+        keys = key_tuple(keys)
+        sealer = Sealer(
+            keyring=Keyring(keys),
+            max_future_skew=self.max_future_skew,
+            max_length=self.size_limit,
+        )
+        self.keys = keys
+        self._sealer = sealer
+
     @property
     def purpose(self) -> str:
         """
