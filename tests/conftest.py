@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Iterator, Optional
+from typing import Dict, Iterator, Optional
 
 import pytest
 
@@ -131,8 +131,10 @@ def redis_server(redis_server_session: RedisServer) -> Iterator[RedisServer]:
         redis_server_session.start()
 
 
-@pytest.fixture
-def twistd_path() -> str:
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def twistd_executable() -> str:
     """
     The twistd of the Python running the tests (the installed plugin).
     """
@@ -141,3 +143,24 @@ def twistd_path() -> str:
     if path is None:
         raise RuntimeError("twistd is not installed: run tests/setup.sh")
     return path
+
+
+def source_environ() -> Dict[str, str]:
+    """
+    The environment without ``TWISTAUTH_*`` settings, importing twistauth
+    from this source tree (the installed plugin module then loads it): a
+    subprocess runs the code under test.
+    """
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("TWISTAUTH_")}
+    environ["PYTHONPATH"] = os.pathsep.join(
+        [REPOSITORY] + [p for p in [environ.get("PYTHONPATH")] if p]
+    )
+    return environ
+
+
+@pytest.fixture
+def twistd_path() -> str:
+    """
+    The twistd of the Python running the tests (the installed plugin).
+    """
+    return twistd_executable()

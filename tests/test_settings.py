@@ -17,6 +17,7 @@ import tempfile
 import textwrap
 from typing import Any, Dict, Optional
 
+from conftest import source_environ, twistd_executable
 from twisted.trial.unittest import SynchronousTestCase
 
 from twistauth.settings import ENV_PREFIX, Settings, SettingsError, documented_keys
@@ -24,32 +25,6 @@ from twistauth.tap import Options
 
 KEY = bytes(range(32))
 KEY_TEXT = base64.urlsafe_b64encode(KEY).decode().rstrip("=")
-
-
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _source_environ() -> dict:
-    """
-    The environment without settings, importing twistauth from this source
-    tree (the installed plugin module then loads it): the subprocess runs the
-    code under test.
-    """
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    environ["PYTHONPATH"] = os.pathsep.join(
-        [REPOSITORY] + [p for p in [environ.get("PYTHONPATH")] if p]
-    )
-    return environ
-
-
-def _twistd() -> str:
-    """
-    The twistd beside the Python running the tests (as the conftest fixture).
-    """
-    candidate = os.path.join(os.path.dirname(sys.executable), "twistd")
-    found = candidate if os.path.exists(candidate) else shutil.which("twistd")
-    assert found is not None, "twistd is not installed"
-    return found
 
 
 class _Files(SynchronousTestCase):
@@ -457,10 +432,10 @@ class TwistdRefusesTests(SynchronousTestCase):
         directory = tempfile.mkdtemp(prefix="twistauth-twistd-")
         self.addCleanup(shutil.rmtree, directory, True)
         done = subprocess.run(
-            [_twistd(), "-n", "--pidfile=", "twistauth",
+            [twistd_executable(), "-n", "--pidfile=", "twistauth",
              f"--listen=tcp:{port}:interface=127.0.0.1", "--max-body-bytes=abc"],
             cwd=directory,
-            env=_source_environ(),
+            env=source_environ(),
             capture_output=True,
             timeout=30,
         )

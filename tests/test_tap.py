@@ -14,6 +14,7 @@ import tempfile
 import textwrap
 from typing import Any, List
 
+from conftest import source_environ, twistd_executable
 from twisted.application.service import IService, IServiceMaker, MultiService
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
@@ -25,31 +26,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twistauth.settings import ENV_PREFIX, Settings
 from twistauth.tap import Options, makeService
-
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _source_environ() -> dict:
-    """
-    The environment without settings, importing twistauth from this source
-    tree (the installed plugin module then loads it): the subprocess runs the
-    code under test.
-    """
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    environ["PYTHONPATH"] = os.pathsep.join(
-        [REPOSITORY] + [p for p in [environ.get("PYTHONPATH")] if p]
-    )
-    return environ
-
-
-def _twistd() -> str:
-    """
-    The twistd beside the Python running the tests (as the conftest fixture).
-    """
-    candidate = os.path.join(os.path.dirname(sys.executable), "twistd")
-    found = candidate if os.path.exists(candidate) else shutil.which("twistd")
-    assert found is not None, "twistd is not installed"
-    return found
 
 
 def _clean_environ() -> dict:
@@ -140,10 +116,10 @@ class PluginTests(SynchronousTestCase):
 
     def test_help_lists_every_key(self) -> None:
         done = subprocess.run(
-            [_twistd(), "twistauth", "--help"],
+            [twistd_executable(), "twistauth", "--help"],
             capture_output=True,
             cwd="/",
-            env=_source_environ(),
+            env=source_environ(),
             timeout=60,
         )
         self.assertEqual(done.returncode, 0, done.stderr)

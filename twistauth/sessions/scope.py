@@ -125,29 +125,25 @@ class SessionScope:
         from before login never survives it.
         """
         had_session = self.session is not None and self._token is not None
-        session = yield self.ensure()
-        session.log_in(
-            user_id,
-            roles,
-            now=now,
-            permanent=permanent,
-            issuer=issuer,
-            provider_sid=provider_sid,
-        )
+
+        def bind(session: Session) -> Session:
+            session.log_in(
+                user_id,
+                roles,
+                now=now,
+                permanent=permanent,
+                issuer=issuer,
+                provider_sid=provider_sid,
+            )
+            return session
+
+        session = bind((yield self.ensure()))
         if had_session:
             token = yield self.cache.renew(session)
             if token is None:
                 # Ended meanwhile (logged out elsewhere): log in on a fresh one.
                 self.session = None
-                session = yield self.ensure()
-                session.log_in(
-                    user_id,
-                    roles,
-                    now=now,
-                    permanent=permanent,
-                    issuer=issuer,
-                    provider_sid=provider_sid,
-                )
+                session = bind((yield self.ensure()))
                 self._token = None
             else:
                 self._token = token
