@@ -52,7 +52,7 @@ redis_url = "{redis.url}"
 user_store = "{redis.url}"
 method_cache = "none"
 deployment_key = "{DEPLOYMENT_KEY}"
-method_modules = ["test_workers_methods", "twistauth.demo_methods"]
+method_modules = ["workers_methods", "twistauth.demo_methods"]
 {extra}
 """
         )

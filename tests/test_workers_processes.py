@@ -15,7 +15,7 @@ refuse to start several processes, and a single process stops gracefully
 on SIGTERM too.
 
 The test methods (``public.worker_pid``, ``public.slow``) come from
-``test_workers_methods``.
+``workers_methods``.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def start_pool(redis: RedisServer, directory: str, *extra: str, processes: int =
         "--method-cache", "none",
         "--deployment-key", DEPLOYMENT_KEY,
         "--bus-mode", "channel",
-        "--method-modules", "test_workers_methods",
+        "--method-modules", "workers_methods",
         "--shutdown-grace", str(GRACE),
         "--redis-timeout", "0.5",
         "--data-dir", directory,
@@ -485,7 +485,7 @@ def test_single_process_sigterm(tmp_path: Any) -> None:
     server = Server(
         [twistd(), "-n", "--pidfile=", "twistauth",
          "--listen", f"tcp:{port}:interface=127.0.0.1", "--data-dir", str(tmp_path),
-         "--method-modules", "test_workers_methods", "--method-modules", "twistauth.demo_methods",
+         "--method-modules", "workers_methods", "--method-modules", "twistauth.demo_methods",
          "--shutdown-grace", "5", *CHEAP_ARGON2],
         str(tmp_path),
     )

@@ -1,6 +1,6 @@
 """
 Test-only JSON methods for the worker-process tests (loaded by the servers
-they start with ``--method-modules test_workers_methods``): which process
+they start with ``--method-modules workers_methods``): which process
 answered, and a method that takes a while.  No tests here.
 """
 
