@@ -801,7 +801,7 @@ class RouteTests(AccessTestCase):
         self.assertIn("twistauth: access: refused /admin for user", "\n".join(self.log_lines()))
 
     def test_same_envelope_as_the_twistauth_routes(self) -> None:
-        # twistauth's own routes answer a TwistauthError with error_response:
+        # twistauth's own routes answer a TwistauthError with render_error:
         # a guarded host route answers the very same status, headers and body.
         from twistauth.web.routes import make_routes
 

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import re
 import weakref
 from typing import (
@@ -88,6 +87,7 @@ from twistauth.errors import (
 )
 from twistauth.methods.handler import Handler
 from twistauth.methods.registry import Method
+from twistauth.web.envelope import render_error
 
 log = Logger()
 
@@ -580,20 +580,6 @@ def _find_request(args: Sequence[Any]) -> Any:
         if IRequest.providedBy(arg):
             return arg
     return None
-
-
-def render_error(request: Any, error: TwistauthError) -> bytes:
-    """
-    Answer a ``twisted.web`` request with ``error`` in the JSON error
-    envelope: the same bytes and headers as ``twistauth.web.routes.error_response``
-    (kept here so this core module never imports Klein).
-    """
-    request.setResponseCode(error.status)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    for name, value in error.headers.items():
-        request.setHeader(name.encode("ascii"), value.encode("ascii"))
-    return json.dumps({"error": error.to_json()}).encode()
 
 
 def session_resolver(sessions: Any, transport: Any) -> Callable[[Any], Deferred[Any]]:
@@ -1331,7 +1317,6 @@ __all__ = [
     "lift_acl_restrictions",
     "parse_claim_map",
     "parse_role_grants",
-    "render_error",
     "require",
     "requirement_of",
     "reset_acl",

@@ -31,7 +31,8 @@ from klein import Klein
 from twisted.python.filepath import FilePath
 from twisted.web.resource import Resource
 
-from twistauth.errors import MethodNotAllowedError, NotFoundError, TwistauthError
+from twistauth.errors import MethodNotAllowedError, NotFoundError
+from twistauth.web.envelope import render_error
 from twistauth.web.transport import CSRF_HEADER, SessionTransport
 
 CONTENT_TYPES: Dict[str, bytes] = {
@@ -222,7 +223,7 @@ class DemoResource(Resource):
         for header, value in SECURITY_HEADERS:
             request.setHeader(header, value)
         if request.method not in (b"GET", b"HEAD"):
-            return self._error(request, MethodNotAllowedError(headers={"Allow": "GET, HEAD"}))
+            return render_error(request, MethodNotAllowedError(headers={"Allow": "GET, HEAD"}))
         postpath = list(request.postpath or [])
         if not postpath:
             # ".../demo" without the slash: the page's relative URLs need it.
@@ -232,25 +233,17 @@ class DemoResource(Resource):
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"moved to " + segment + b"/\n"
         if len(postpath) != 1:
-            return self._error(request, NotFoundError())
+            return render_error(request, NotFoundError())
         name = postpath[0].decode("utf-8", "replace") or "index.html"
         found = self.files.get(name)
         if found is None:
-            return self._error(request, NotFoundError())
+            return render_error(request, NotFoundError())
         content_type, body = found
         request.setHeader(b"content-type", content_type)
         request.setHeader(b"content-length", b"%d" % len(body))
         if request.method == b"HEAD":
             return b""
         return body
-
-    def _error(self, request: Any, error: TwistauthError) -> bytes:
-        request.setResponseCode(error.status)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        for name, value in error.headers.items():
-            request.setHeader(name.encode("ascii"), value.encode("ascii"))
-        return json.dumps({"error": error.to_json()}).encode("utf-8")
 
 
 def add_demo_routes(routes: Klein, demo: DemoResource, path: str = "/demo") -> None:

@@ -53,6 +53,7 @@ from twistauth.errors import (
     MethodNotAllowedError,
     TwistauthError,
 )
+from twistauth.web.envelope import render_error
 
 log = Logger()
 
@@ -92,11 +93,7 @@ def write_error(request: Any, error: TwistauthError) -> None:
     """
     if _finished(request):
         return
-    body = json.dumps({"error": error.to_json()}).encode()
-    request.setResponseCode(error.status)
-    for name, value in error.headers.items():
-        request.setHeader(name.encode("ascii"), value.encode("ascii"))
-    _finish_json(request, body)
+    _finish_json(request, render_error(request, error))
 
 
 def _finish_json(request: Any, body: bytes) -> None:

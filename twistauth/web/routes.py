@@ -8,7 +8,6 @@ traceback.
 
 from __future__ import annotations
 
-import json
 import secrets
 from typing import Any
 
@@ -19,20 +18,9 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
 from twistauth.errors import InternalError, MethodNotAllowedError, NotFoundError, TwistauthError
+from twistauth.web.envelope import render_error
 
 log = Logger()
-
-
-def error_response(request: Any, error: TwistauthError) -> bytes:
-    """
-    Answer ``request`` with ``error`` in the JSON envelope.
-    """
-    request.setResponseCode(error.status)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    for name, value in error.headers.items():
-        request.setHeader(name.encode("ascii"), value.encode("ascii"))
-    return json.dumps({"error": error.to_json()}).encode()
 
 
 def make_routes() -> Klein:
@@ -44,7 +32,7 @@ def make_routes() -> Klein:
     @app.handle_errors(NotFound)
     def not_found(request: Any, failure: Failure) -> bytes:
         path = request.path.decode("utf-8", "replace")[:200]
-        return error_response(request, NotFoundError(f"nothing is served at {path!r}"))
+        return render_error(request, NotFoundError(f"nothing is served at {path!r}"))
 
     @app.handle_errors(MethodNotAllowed)
     def not_allowed(request: Any, failure: Failure) -> bytes:
@@ -52,12 +40,12 @@ def make_routes() -> Klein:
         allowed = getattr(failure.value, "valid_methods", None)
         if allowed:
             error.headers["Allow"] = ", ".join(allowed)
-        return error_response(request, error)
+        return render_error(request, error)
 
     @app.handle_errors(TwistauthError)
     def twistauth_error(request: Any, failure: Failure) -> bytes:
         error: TwistauthError = failure.value  # type: ignore[assignment]
-        return error_response(request, error)
+        return render_error(request, error)
 
     @app.handle_errors(RequestRedirect)
     def redirect(request: Any, failure: Failure) -> bytes:
@@ -74,7 +62,7 @@ def make_routes() -> Klein:
         log.failure(
             "route {path} failed (correlation id {cid})", failure, path=request.path, cid=cid
         )
-        return error_response(
+        return render_error(
             request,
             InternalError({"message": "internal error", "correlation_id": cid}),
         )
