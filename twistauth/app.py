@@ -151,10 +151,6 @@ class RedisConnections(Service):
         return DeferredList(closing)
 
 
-def _is_redis(value: Optional[str]) -> bool:
-    return value is not None and value.startswith(("redis://", "redis-sentinel://"))
-
-
 def make_session_caches(
     settings: Settings, clock: IReactorTime, redis: RedisConnections
 ) -> Tuple[ISessionCache, ISessionCache]:
@@ -219,7 +215,7 @@ def make_accounts(
     The local-account parts: the user store, the password hasher (a
     service) and the failed-login throttle.
     """
-    if _is_redis(settings.user_store):
+    if redisconn.is_redis_url(settings.user_store):
         users = make_user_store(
             "redis",
             clock=clock,

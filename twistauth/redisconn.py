@@ -143,6 +143,14 @@ def _db(text: str) -> int:
     return int(text)
 
 
+def is_redis_url(value: Optional[str]) -> bool:
+    """
+    Whether a setting's value names a Redis server (``redis://`` or
+    ``redis-sentinel://``) rather than a built-in backend.
+    """
+    return value is not None and value.startswith(("redis://", "redis-sentinel://"))
+
+
 def parse_url(url: str) -> RedisAddress:
     """
     Parse a Redis URL.

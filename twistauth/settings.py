@@ -32,6 +32,8 @@ from typing import (
 
 import attr
 
+from twistauth.redisconn import is_redis_url
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python < 3.11 only
@@ -886,7 +888,7 @@ class Settings:
         if self.redis_url is not None:
             return self.redis_url
         for url in (self.session_cache, self.user_store):
-            if url.startswith(("redis://", "redis-sentinel://")):
+            if is_redis_url(url):
                 return url
         return None
 

@@ -66,7 +66,7 @@ def make_method_cache(
     if backend == "memory":
         store: Any = MemoryCacheBackend(clock=clock, max_entries=max_entries)
         where = f"memory, up to {max_entries} entries"
-    elif backend.startswith(("redis://", "redis-sentinel://")):
+    elif redisconn.is_redis_url(backend):
         address = redisconn.parse_url(backend)
         connection = redisconn.connect(
             address, connect_timeout=2.0, reply_timeout=max(5.0, timeout * 4)

@@ -36,6 +36,7 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from twistauth import redisconn
 from twistauth.identity.client import RelyingParty
 from twistauth.identity.config import ProviderConfig
 from twistauth.identity.flows import FlowBinder, MemoryFlowStore, RedisFlowStore
@@ -95,7 +96,7 @@ def _user_store(settings: Any, clock: IReactorTime, reactor: Any, redis: Any) ->
     from twistauth.accounts.build import make_user_store
 
     kind = settings.user_store
-    if kind.startswith(("redis://", "redis-sentinel://")):
+    if redisconn.is_redis_url(kind):
         return make_user_store(
             "redis", clock=clock, reactor=reactor, redis=redis.get(kind),
             redis_timeout=settings.redis_timeout,
