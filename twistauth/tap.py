@@ -13,7 +13,7 @@ import os
 import platform
 import sys
 from functools import partial
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -283,4 +283,3 @@ def _make_parent(options: Any, settings: Settings, reactor: Any) -> IService:
     return top
 
 
-make_service: Callable[..., IService] = makeService
