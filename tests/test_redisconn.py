@@ -224,7 +224,7 @@ async def test_password(password_redis: RedisServer) -> None:
 @pytest_twisted.ensureDeferred
 async def test_wrong_password_is_unavailable(password_redis: RedisServer) -> None:
     """
-    R3: a rejected password (txredisapi then stops reconnecting) makes
+    R3: a rejected password (twistauth keeps retrying: see test_redis_faults.py) makes
     every call fail at its deadline with a 503, never hang.
     """
     url = f"redis://:Wr0ngPa55@127.0.0.1:{password_redis.port}/0"
@@ -238,7 +238,7 @@ async def test_wrong_password_is_unavailable(password_redis: RedisServer) -> Non
         finally:
             await redisconn.disconnect(connection)
     text = "\n".join(lines)
-    assert "refused the connection for good" in text
+    assert "authentication failed: WRONGPASS" in text
     assert "Wr0ngPa55" not in text
 
 

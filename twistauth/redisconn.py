@@ -2,7 +2,7 @@
 Redis connections, made one way for every room that uses Redis (sessions,
 the bus, stores).
 
-Three things, each easy to get wrong with txredisapi:
+Four things, each easy to get wrong with txredisapi:
 
 - `parse_url` reads ``redis://[[user]:password@]host[:port][/db]`` and
   ``redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/service_name[/db]``
@@ -10,28 +10,39 @@ Three things, each easy to get wrong with txredisapi:
   if it holds ``@ : / ,`` or ``%``; Sentinels themselves are reached without
   one).
 - `connect` makes a lazy txredisapi connection (it returns at once and
-  connects in the background, reconnecting forever) with
-  ``convertNumbers=False`` (else ``"007"`` comes back as ``7``), a connect
-  timeout, a reply timeout (which drops a connection whose server stopped
-  answering), and a capped reconnection backoff.
+  connects in the background, reconnecting forever, with capped backoff)
+  with ``convertNumbers=False`` (else ``"007"`` comes back as ``7``), a
+  connect deadline that covers the TCP connect and the server's first
+  answer (so a blackholed server is noticed), and a reply watchdog (which
+  drops a connection whose server stopped answering, even when every call
+  gave up first).  A refused password
+  does not stop it (txredisapi alone stops reconnecting for good): it
+  keeps trying, so restoring the password heals the process.  Through
+  Sentinel it follows failovers (`_redislink` and `_redisendpoint` have
+  the machinery).
 - `call` puts a deadline on one Redis call and turns every way Redis can be
   unavailable (down, unreachable, hung, still loading its data, read-only
   after a failover, a rejected password) into
   `twistauth.errors.BackendUnavailableError` (or a subclass the caller
   names), so callers answer 503 instead of mistaking an outage for "no
-  data".  While Redis is down txredisapi queues calls forever: the deadline
-  is what makes them fail, after at most ``timeout`` seconds.
+  data".  While a connection is known to be down (its last attempt failed,
+  or the password was refused) calls fail at once; while it is merely
+  (re)connecting they wait, at most ``timeout`` seconds.
+- `health` and `probe` say how a connection is doing: `LinkHealth` for the
+  state and its reason, `probe` (``PING`` with a deadline) for readiness,
+  failing with `RedisUnhealthy` named ``redis_auth_failed`` when the server
+  refused the password.
 
 txredisapi is imported only when a connection is made or a call fails:
 importing it installs the default reactor, which must not happen when this
 module is merely imported (``twistd --reactor=...``).  txredisapi has no
-clock injection (it uses the global reactor internally); `call` takes the
-clock its deadline runs on.
+clock injection (it uses the global reactor internally); `call` and `probe`
+take the clock their deadline runs on.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple, Type, Union
+from typing import Any, Callable, Iterable, Optional, Tuple, Type, Union
 from urllib.parse import unquote
 
 import attr
@@ -221,68 +232,73 @@ def connect(
     reply_timeout: float = 5.0,
     pool_size: int = 1,
     max_retry_delay: float = 5.0,
+    reactor: Any = None,
 ) -> Any:
     """
     A lazy txredisapi connection (pool) to ``address``: returned at once,
-    connected in the background, reconnected after every loss.
+    connected in the background, reconnected after every loss and every
+    refusal.
 
     Commands pipeline on one connection, so ``pool_size`` 1 serves many
-    concurrent requests.
+    concurrent requests.  While the connection is known to be down (an
+    attempt to connect failed, or the server refused the password), calls
+    fail at once with ``txredisapi.ConnectionError`` (`call` answers 503)
+    instead of queuing until their deadline; `health` says why and `probe`
+    turns it into a readiness check.
 
     :param address: a URL for `parse_url`, or a `RedisAddress`.
-    :param connect_timeout: seconds one connection attempt may take.
-    :param reply_timeout: seconds Redis may take to answer a command before
-        txredisapi drops the connection and reconnects (a hung server).
-        Keep it above the deadlines given to `call`.
+    :param connect_timeout: seconds one connection attempt may take, from
+        the TCP connect (or the Sentinel query) to the server's answer to
+        the handshake (``AUTH``, ``SELECT``, ``ROLE`` or ``PING``).
+    :param reply_timeout: seconds a connection may go without any answer
+        while commands are outstanding before it is dropped and made again
+        (a hung or blackholed server; the reconnection then fails within
+        ``connect_timeout`` and calls fail at once).  Keep it above the
+        deadlines given to `call`: calls that miss their deadline do not
+        reset it.
     :param max_retry_delay: the most seconds between reconnection attempts
-        (txredisapi backs off exponentially from one second).
+        (the first retry is immediate, then the delay grows from 0.5 s).
+    :param reactor: connects (``IReactorTCP``) and keeps the connect
+        deadline; the global reactor by default (txredisapi's own timers
+        always run on it).
     :return: the txredisapi connection handler: call Redis commands on it
         through `call`, close it with `disconnect`.
     """
-    import txredisapi
-
     if isinstance(address, str):
         address = parse_url(address)
-    options = {
-        "dbid": address.db,
-        "poolsize": pool_size,
-        "password": address.password,
-        "username": address.username,
-        "replyTimeout": reply_timeout,
-        "convertNumbers": False,
-    }
-    if address.sentinel:
-        sentinel = txredisapi.Sentinel(
-            list(address.hosts),
-            connectTimeout=connect_timeout,
-            replyTimeout=reply_timeout,
-            convertNumbers=False,
-        )
-        sentinel.discovery_timeout = max(connect_timeout, 1.0)
-        handler = sentinel.master_for(address.service_name, isLazy=True, **options)
-        handler._twistauth_sentinel = sentinel
-    else:
-        host, port = address.hosts[0]
-        handler = txredisapi.lazyConnectionPool(
-            host, port, connectTimeout=connect_timeout, **options
-        )
-    factory = handler._factory
-    factory.maxDelay = max_retry_delay
-    factory.initialDelay = min(factory.initialDelay, max_retry_delay)
-    if factory.deferred is not None:
-        # txredisapi fails this Deferred when it gives up (a rejected
-        # password); nobody else waits on it with a lazy connection.
-        factory.deferred.addErrback(_gave_up, address)
-    return handler
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
 
+        reactor = global_reactor
+    from twistauth import _redislink
 
-def _gave_up(failure: Failure, address: RedisAddress) -> None:
-    _log.error(
-        "Redis at {address} refused the connection for good: {reason}; "
-        "calls will fail until this process restarts",
-        address=address.redacted(),
-        reason=failure.getErrorMessage(),
+    factory = _redislink.make_factory(
+        address,
+        reactor=reactor,
+        connect_timeout=connect_timeout,
+        reply_timeout=reply_timeout,
+        pool_size=pool_size,
+        max_retry_delay=max_retry_delay,
     )
+    return factory.handler
+
+
+def endpoint(address: Union[str, RedisAddress], *, reactor: Any, connect_timeout: float) -> Any:
+    """
+    A client endpoint for the data server of ``address`` (for connections
+    txredisapi's pool does not make, such as the bus's pub/sub one): the
+    server of a ``redis://`` URL, or the master the Sentinels of a
+    ``redis-sentinel://`` URL name at each connection attempt, so a
+    reconnecting client follows a failover.
+
+    :return: an ``IStreamClientEndpoint`` with a ``close()`` method
+        (returning a Deferred) that closes its Sentinel connections.
+    """
+    if isinstance(address, str):
+        address = parse_url(address)
+    from twistauth._redisendpoint import RedisEndpoint
+
+    return RedisEndpoint(address, reactor=reactor, connect_timeout=connect_timeout)
 
 
 def disconnect(connection: Any) -> defer.Deferred[None]:
@@ -291,15 +307,287 @@ def disconnect(connection: Any) -> defer.Deferred[None]:
 
     :return: Deferred firing when every connection is closed.
     """
-    closing = [defer.maybeDeferred(connection.disconnect)]
-    # (the handler answers every missing attribute with a command wrapper)
-    sentinel = vars(connection).get("_twistauth_sentinel")
-    if sentinel is not None:
-        closing.append(defer.maybeDeferred(sentinel.disconnect))
-    d: defer.Deferred[None] = defer.gatherResults(closing, consumeErrors=True).addCallback(
-        lambda _: None
-    )
+    d: defer.Deferred[None] = defer.maybeDeferred(connection.disconnect).addBoth(lambda _: None)
     return d
+
+
+# -- health ------------------------------------------------------------------
+
+#: `LinkHealth` states.  Calls wait (within their deadline) while
+#: connecting, fail at once while unavailable, refused or closed.
+CONNECTING = "connecting"
+CONNECTED = "connected"
+RECONNECTING = "reconnecting"
+UNAVAILABLE = "unavailable"
+AUTH_FAILED = "auth_failed"
+REFUSED = "refused"
+CLOSED = "closed"
+
+_FAILS_FAST = frozenset([UNAVAILABLE, AUTH_FAILED, REFUSED, CLOSED])
+
+
+@attr.s(kw_only=True, eq=False, repr=False)
+class LinkHealth:
+    """
+    What twistauth knows of one connection made by `connect`, kept up to
+    date by the connection itself (read it with `health`).
+
+    ``state`` is one of:
+
+    - ``connecting``: the first attempt is under way; calls wait for it.
+    - ``connected``: a connection answered the handshake.
+    - ``reconnecting``: the connection was lost and is being made again;
+      calls wait for it (a restart or a failover usually heals at once).
+    - ``unavailable``: the last attempt failed (refused, no answer within
+      the connect deadline, no master named by Sentinel): calls fail at
+      once until an attempt succeeds.
+    - ``auth_failed``: the server refused the password; calls fail at once,
+      attempts go on (with backoff) until the password matches again.
+    - ``refused``: the server refused the database number.
+    - ``closed``: `disconnect` was called.
+
+    Each change of state is logged once (never the password).
+
+    :ivar reason: why the state is what it is, briefly (safe to log).
+    :ivar since: the clock's time of the last change of state.
+    """
+
+    address: RedisAddress = attr.ib()
+    clock: IReactorTime = attr.ib()
+    retry_every: float = attr.ib(default=5.0)
+    state: str = attr.ib(default=CONNECTING)
+    reason: Optional[str] = attr.ib(default="connecting")
+    since: float = attr.ib(init=False, default=0.0)
+    _down_since: Optional[float] = attr.ib(init=False, default=None)
+    _ever_connected: bool = attr.ib(init=False, default=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.since = self.clock.seconds()
+
+    def __repr__(self) -> str:
+        return f"<LinkHealth {self.address.redacted()} {self.state}: {self.reason}>"
+
+    @property
+    def is_connected(self) -> bool:
+        """
+        Whether a connection answered and has not been lost since.
+        """
+        return self.state == CONNECTED
+
+    @property
+    def fails_fast(self) -> bool:
+        """
+        Whether calls fail at once rather than wait for a connection.
+        """
+        return self.state in _FAILS_FAST
+
+    def _change(self, state: str, reason: Optional[str]) -> bool:
+        changed = state != self.state
+        self.reason = reason
+        if changed:
+            self.state = state
+            self.since = self.clock.seconds()
+        return changed
+
+    def connected(self) -> None:
+        """
+        A connection answered the handshake.
+        """
+        if self.state == CLOSED:
+            return
+        was = self.state
+        if not self._change(CONNECTED, None):
+            return
+        if self._down_since is not None:
+            _log.info(
+                "twistauth: Redis at {address}: connected again after {seconds:.1f} s "
+                "(was {was})",
+                address=self.address.redacted(),
+                seconds=self.clock.seconds() - self._down_since,
+                was=was,
+            )
+        elif not self._ever_connected:
+            _log.info("twistauth: Redis at {address}: connected", address=self.address.redacted())
+        self._down_since = None
+        self._ever_connected = True
+
+    def lost(self) -> None:
+        """
+        The last connection was lost; reconnection starts at once.
+        """
+        if self.state != CONNECTED:
+            return
+        self._change(RECONNECTING, "connection lost; reconnecting")
+        self._down_since = self.clock.seconds()
+        _log.warn(
+            "twistauth: Redis at {address}: connection lost; reconnecting",
+            address=self.address.redacted(),
+        )
+
+    def failed(self, state: str, reason: str) -> None:
+        """
+        A connection attempt failed: ``state`` is ``unavailable``,
+        ``auth_failed`` or ``refused``; ``reason`` says why (no secrets).
+        """
+        if self.state == CLOSED:
+            return
+        if state == UNAVAILABLE and self.state in (AUTH_FAILED, REFUSED):
+            # A refused password stays the headline until it is fixed,
+            # whatever later attempts run into.
+            self.reason = f"{self.reason} (last attempt: {reason})"
+            return
+        if self._down_since is None:
+            self._down_since = self.clock.seconds()
+        if not self._change(state, reason):
+            return
+        address = self.address.redacted()
+        if state == AUTH_FAILED:
+            _log.error(
+                "twistauth: Redis at {address}: {reason}; calls answer 503 and readiness "
+                "fails until the password matches again (retrying at least every "
+                "{retry:g} s)",
+                address=address,
+                reason=reason,
+                retry=self.retry_every,
+            )
+        elif state == REFUSED:
+            _log.error(
+                "twistauth: Redis at {address}: {reason}; calls answer 503 and readiness "
+                "fails until it is fixed (retrying at least every {retry:g} s)",
+                address=address,
+                reason=reason,
+                retry=self.retry_every,
+            )
+        else:
+            _log.error(
+                "twistauth: Redis at {address} is unavailable: {reason}; calls answer 503 at "
+                "once until it is back (retrying at least every {retry:g} s)",
+                address=address,
+                reason=reason,
+                retry=self.retry_every,
+            )
+
+    def closed(self) -> None:
+        """
+        `disconnect` was called.
+        """
+        self._change(CLOSED, "closed")
+
+
+class RedisUnhealthy(Exception):
+    """
+    A `probe` found a Redis connection unusable.
+
+    :ivar name: what is wrong, for ``/readyz``: ``redis_auth_failed``,
+        ``redis_refused``, ``redis_unavailable``, ``redis_timeout``,
+        ``redis_closed`` or ``redis_error``.
+    """
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+def health(connection: Any) -> LinkHealth:
+    """
+    The `LinkHealth` of a connection made by `connect`.
+
+    :raises TypeError: ``connection`` was not made by `connect`.
+    """
+    # (the handler answers every missing attribute with a command wrapper)
+    factory = vars(connection).get("_factory") if hasattr(connection, "__dict__") else None
+    found = vars(factory).get("health") if factory is not None else None
+    if not isinstance(found, LinkHealth):
+        raise TypeError("not a connection made by twistauth.redisconn.connect")
+    return found
+
+
+_STATE_ERRORS = {
+    AUTH_FAILED: "redis_auth_failed",
+    REFUSED: "redis_refused",
+    UNAVAILABLE: "redis_unavailable",
+    CLOSED: "redis_closed",
+}
+
+
+def probe(connection: Any, clock: IReactorTime, timeout: float) -> defer.Deferred[None]:
+    """
+    A readiness check of a connection made by `connect`: fails at once if
+    it is known to be down (saying why), else sends ``PING`` with a
+    deadline.
+
+    A ``PING`` that misses its deadline on an established connection
+    aborts that connection (a half-open or blackholed one would otherwise
+    only be dropped after the reply timeout): the reconnection that follows
+    shows whether the server is reachable, and calls fail fast if not.
+
+    :param clock: the clock the deadline runs on.
+    :param timeout: seconds ``PING`` may take.
+    :return: Deferred firing with ``None``, or failing with `RedisUnhealthy`
+        whose ``name`` says what is wrong (``redis_auth_failed`` when the
+        server refused the password) and whose message says why, without
+        the password.
+    """
+    link = health(connection)
+    address = link.address.redacted()
+    if link.fails_fast:
+        return defer.fail(
+            RedisUnhealthy(_STATE_ERRORS[link.state], f"Redis at {address}: {link.reason}")
+        )
+    d = defer.maybeDeferred(connection.execute_command, "PING")
+    d.addTimeout(timeout, clock)
+
+    def answered(reply: Any) -> None:
+        return None
+
+    def failed(failure: Failure) -> None:
+        if failure.check(defer.TimeoutError):
+            if link.is_connected:
+                _log.warn(
+                    "twistauth: Redis at {address}: no answer to PING within {timeout:g} s; "
+                    "dropping the connection",
+                    address=address,
+                    timeout=timeout,
+                )
+                vars(connection)["_factory"].drop_connections()
+            raise RedisUnhealthy(
+                "redis_timeout",
+                f"Redis at {address} did not answer PING within {timeout:g} s ({link.state})",
+            )
+        message = str(failure.value).splitlines()[0] if str(failure.value) else ""
+        if link.fails_fast:
+            raise RedisUnhealthy(
+                _STATE_ERRORS[link.state], f"Redis at {address}: {link.reason}"
+            )
+        if message.startswith(("NOAUTH", "WRONGPASS")):
+            raise RedisUnhealthy("redis_auth_failed", f"Redis at {address}: {message}")
+        if is_unavailable(failure):
+            raise RedisUnhealthy("redis_unavailable", f"Redis at {address}: {message}")
+        raise RedisUnhealthy("redis_error", f"Redis at {address}: {message}")
+
+    d.addCallbacks(answered, failed)
+    return d
+
+
+def probe_all(
+    connections: Iterable[Any], clock: IReactorTime, timeout: float
+) -> defer.Deferred[None]:
+    """
+    `probe` every connection at once.
+
+    :return: Deferred firing with ``None`` when every probe passed, or
+        failing with the first `RedisUnhealthy`.
+    """
+    probes = [probe(c, clock, timeout) for c in connections]
+    d = defer.gatherResults(probes, consumeErrors=True)
+
+    def first(failure: Failure) -> Failure:
+        failure.trap(defer.FirstError)
+        first_error = failure.value
+        assert isinstance(first_error, defer.FirstError)
+        return first_error.subFailure
+
+    return d.addCallbacks(lambda _: None, first)
 
 
 def is_unavailable(failure: Failure) -> bool:

@@ -1,0 +1,374 @@
+"""
+The txredisapi machinery behind `twistauth.redisconn.connect`: a factory
+and a protocol that keep one Redis connection (pool) alive and say how it
+is doing.
+
+What txredisapi 1.6 does on its own, and what this module changes:
+
+- A rejected password (or database) makes txredisapi stop reconnecting for
+  good (``stopTrying``): a Redis restarted with a changed password would
+  need every twistauth process restarted.  Here the handshake is ours: a
+  refusal is recorded (`LinkHealth` ``auth_failed``), logged once, and the
+  connection is tried again with backoff, so putting the password back
+  heals every process.
+- A connection counts as usable once the server has answered (``AUTH``,
+  ``SELECT``, ``ROLE`` or ``PING``) within the connect deadline, not when
+  TCP connects: a server that accepts and never answers is unavailable.
+- While Redis is down txredisapi queues every call until it reconnects;
+  here, once a connection attempt has failed, calls fail at once
+  (``txredisapi.ConnectionError``, which `twistauth.redisconn.call` turns
+  into a 503) while reconnection goes on in the background.
+- Sentinel (`twistauth._redisendpoint` finds the master): the connection
+  is dropped when a failover starts or the master changes, and when its
+  server answers ``READONLY`` (a master demoted while we stayed
+  connected), so the next attempt finds the new master.
+
+Importing this module imports txredisapi (which installs the default
+reactor): `twistauth.redisconn` imports it only when a connection is made.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+import txredisapi
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from twistauth._redisendpoint import RedisEndpoint, first_line
+from twistauth.redisconn import (
+    AUTH_FAILED,
+    REFUSED,
+    UNAVAILABLE,
+    LinkHealth,
+    RedisAddress,
+)
+
+log = Logger()
+
+#: Redis error replies to the handshake that mean "not with this password".
+_AUTH_REPLIES = ("NOAUTH", "WRONGPASS", "ERR invalid password", "ERR AUTH", "ERR Client sent AUTH")
+
+
+class _HandshakeError(Exception):
+    """
+    The server answered the handshake with a refusal, or not at all.
+
+    :ivar state: the `LinkHealth` state it leads to.
+    """
+
+    def __init__(self, state: str, reason: str) -> None:
+        super().__init__(reason)
+        self.state = state
+        self.reason = reason
+
+
+class _Protocol(txredisapi.RedisProtocol):
+    """
+    txredisapi's protocol with twistauth's handshake: authenticate, select
+    the database, check the role (Sentinel) or ping, all within the
+    connect deadline; a refusal is reported to the factory instead of
+    stopping reconnection.
+    """
+
+    factory: _Factory
+
+    def connectionMade(self) -> defer.Deferred[Any]:
+        factory = self.factory
+        d = defer.ensureDeferred(self._handshake(factory.address))
+        d.addTimeout(factory.handshake_timeout, factory.clock)
+
+        def ready(_: Any) -> Any:
+            # The base class marks the connection usable (no password or
+            # database is given to it: the handshake is done).
+            return txredisapi.RedisProtocol.connectionMade(self)
+
+        def failed(failure: Failure) -> None:
+            if isinstance(failure.value, _HandshakeError):
+                state, reason = failure.value.state, failure.value.reason
+            elif failure.check(defer.TimeoutError):
+                state = UNAVAILABLE
+                reason = (
+                    f"connected, but no answer within {factory.handshake_timeout:g} s "
+                    "(connect deadline)"
+                )
+            else:
+                state = UNAVAILABLE
+                reason = f"lost while connecting: {first_line(failure.value, None)}"
+            factory.attempt_failed(state, reason)
+            if self.connected and self.transport is not None:
+                self.transport.abortConnection()
+
+        return d.addCallbacks(ready, failed)
+
+    async def _handshake(self, address: RedisAddress) -> None:
+        password = address.password
+        if password is not None:
+            try:
+                reply = await self.auth(password, address.username)
+                if isinstance(reply, Exception):
+                    raise reply
+            except txredisapi.ResponseError as e:
+                raise _HandshakeError(
+                    AUTH_FAILED, f"authentication failed: {first_line(e, password)}"
+                ) from None
+        if address.db:
+            try:
+                reply = await self.select(address.db)
+                if isinstance(reply, Exception):
+                    raise reply
+            except txredisapi.ResponseError as e:
+                raise self._refusal(e, f"database {address.db} refused", REFUSED) from None
+        try:
+            if self.factory.expect_master:
+                role = await self.role()
+                if isinstance(role, Exception):
+                    raise role
+                name = role[0] if role else None
+                if isinstance(name, bytes):
+                    name = name.decode("ascii", "replace")
+                if name != "master":
+                    raise _HandshakeError(
+                        UNAVAILABLE, f"the server Sentinel named is a {name}, not the master"
+                    )
+            elif address.password is None and not address.db:
+                # Nothing answered yet: make sure the server does.
+                reply = await self.ping()
+                if isinstance(reply, Exception):
+                    raise reply
+        except txredisapi.ResponseError as e:
+            raise self._refusal(e, "the server refused", UNAVAILABLE) from None
+
+    def _refusal(self, e: Exception, what: str, state: str) -> _HandshakeError:
+        """
+        What a Redis error reply to the handshake means: a password problem
+        whatever the command, else ``state`` for an ``ERR`` (a wrong
+        database), else unavailable for now (``LOADING``, ``MASTERDOWN``...).
+        """
+        text = first_line(e, self.factory.address.password)
+        if text.startswith(_AUTH_REPLIES):
+            return _HandshakeError(AUTH_FAILED, f"authentication failed: {text}")
+        if text.startswith("ERR"):
+            return _HandshakeError(state, f"{what}: {text}")
+        return _HandshakeError(UNAVAILABLE, f"{what}: {text}")
+
+    # -- the reply watchdog ----------------------------------------------
+    #
+    # txredisapi's own reply timeout is per command and cancelled with the
+    # command: a caller whose deadline (`twistauth.redisconn.call`) is
+    # shorter cancels it every time, so a server that stopped answering was
+    # never dropped.  This one watches the connection instead: commands are
+    # outstanding and nothing has come back for ``reply_timeout`` seconds →
+    # drop it (reconnection then shows whether the server answers).
+
+    _stall: Any = None
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        d = txredisapi.RedisProtocol.execute_command(self, *args, **kwargs)
+        if self._ready and (self._stall is None or not self._stall.active()):
+            self._stall = self.factory.clock.callLater(self.factory.reply_timeout, self._stalled)
+        return d
+
+    def _stalled(self) -> None:
+        self._stall = None
+        if self.replyQueue.waiting and self.connected and self.transport is not None:
+            log.warn(
+                "twistauth: Redis at {address}: no answer for {seconds:g} s; dropping the "
+                "connection",
+                address=self.factory.address.redacted(),
+                seconds=self.factory.reply_timeout,
+            )
+            self.transport.abortConnection()
+
+    def connectionLost(self, why: Any) -> None:
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+        txredisapi.RedisProtocol.connectionLost(self, why)
+
+    def replyReceived(self, reply: Any) -> None:
+        txredisapi.RedisProtocol.replyReceived(self, reply)
+        if self._stall is not None and self._stall.active():
+            # Progress: watch the next reply, if one is awaited.
+            self._stall.cancel()
+            self._stall = None
+            if self.replyQueue.waiting:
+                self._stall = self.factory.clock.callLater(
+                    self.factory.reply_timeout, self._stalled
+                )
+        if (
+            self.factory.expect_master
+            and isinstance(reply, txredisapi.ResponseError)
+            and str(reply).startswith("READONLY")
+            and self.transport is not None
+        ):
+            log.warn(
+                "twistauth: Redis at {address}: the master was demoted (READONLY): "
+                "asking Sentinel again",
+                address=self.factory.address.redacted(),
+            )
+            self.transport.loseConnection()
+
+
+class _Factory(txredisapi.RedisFactory):
+    """
+    A txredisapi connection pool factory that keeps trying whatever the
+    server says, reports to a `LinkHealth`, and fails calls at once while
+    the connection is known to be down.
+    """
+
+    protocol = _Protocol
+
+    def __init__(
+        self,
+        *,
+        address: RedisAddress,
+        health: LinkHealth,
+        clock: Any,
+        pool_size: int,
+        reply_timeout: float,
+        handshake_timeout: float,
+        max_retry_delay: float,
+        expect_master: bool,
+    ) -> None:
+        # No password or database for txredisapi: `_Protocol` handshakes;
+        # no reply timeout either: `_Protocol` watches replies itself.
+        super().__init__(
+            None,
+            None,
+            pool_size,
+            False,  # isLazy: only decides whether txredisapi logs refusals itself
+            txredisapi.ConnectionHandler,
+            "utf-8",
+            None,
+            None,
+            False,  # convertNumbers: "007" stays "007"
+            None,
+        )
+        self.reply_timeout = reply_timeout
+        self.address = address
+        self.health = health
+        self.clock = clock
+        self.handshake_timeout = handshake_timeout
+        self.expect_master = expect_master
+        self.maxDelay = max_retry_delay
+        self.initialDelay = min(0.5, max_retry_delay)
+        self.endpoint: Optional[RedisEndpoint] = None
+
+    def retryDelay(self, attempt: int) -> float:
+        """
+        Seconds before connection attempt ``attempt`` (1 = the first after a
+        loss or failure): the first at once (a restart or a failover is the
+        likely cause, and a refusal then makes calls fail fast), then
+        exponential backoff from ``initialDelay`` up to ``maxDelay``.
+        txredisapi counts connections that never became usable (a refused
+        password), so those back off too.
+        """
+        if attempt <= 1:
+            return 0.0
+        delay = float(super().retryDelay(attempt - 1))
+        if self.endpoint is not None and self.endpoint.avoiding():
+            # A Sentinel failover is under way: look for the new master
+            # often (each attempt is one question to each Sentinel).
+            return min(delay, 0.2)
+        return delay
+
+    def getConnection(self, peek: bool = False) -> defer.Deferred[Any]:
+        if not self.size and self.health.fails_fast:
+            # Fail at once, but on a later reactor turn: a caller retrying
+            # in a loop still lets the reactor reconnect in between.
+            d: defer.Deferred[Any] = defer.Deferred()
+            reason = txredisapi.ConnectionError(f"Not connected: {self.health.reason}")
+            self.clock.callLater(0, d.errback, reason)
+            return d
+        return super().getConnection(peek)
+
+    def addConnection(self, conn: Any) -> None:
+        super().addConnection(conn)
+        if conn in self.pool:
+            self.health.connected()
+
+    def delConnection(self, conn: Any) -> None:
+        super().delConnection(conn)
+        if not self.size and not self.disconnectCalled:
+            self.health.lost()
+
+    def attempt_failed(self, state: str, reason: str) -> None:
+        """
+        A connection attempt failed (``state`` says how): record it and, with
+        no connection left, fail the calls waiting for one.
+        """
+        if self.disconnectCalled or self.size:
+            # (another connection of the pool still works: it serves the
+            # calls while this slot retries)
+            return
+        self.health.failed(state, reason)
+        self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
+        queue = self.connectionQueue
+        waiting: List[defer.Deferred[Any]] = list(queue.waiting) + list(queue.peekers)
+        del queue.waiting[:]
+        queue.peekers = []
+        for d in waiting:
+            d.errback(txredisapi.ConnectionError(f"Not connected: {self.health.reason}"))
+
+    def failing_over(self, reason: str) -> None:
+        """
+        Sentinel started failing over our master: stop using it now (what
+        it accepts from here on may be lost) and fail calls at once until
+        the new master answers.
+        """
+        self.health.failed(UNAVAILABLE, reason)
+        self.drop_connections()
+        self._fail_waiting()
+
+    def drop_connections(self) -> None:
+        """
+        Abort every pooled connection (a health probe found it stalled, or
+        Sentinel names another master): reconnection follows at once, and
+        shows whether the server is reachable.
+        """
+        for conn in list(self.pool):
+            if conn.transport is not None:
+                conn.transport.abortConnection()
+
+    def disconnect(self) -> defer.Deferred[Any]:
+        self.health.closed()
+        closing = [super().disconnect()]
+        if self.endpoint is not None:
+            closing.append(self.endpoint.close())
+        return defer.gatherResults(closing, consumeErrors=True)
+
+
+def make_factory(
+    address: RedisAddress,
+    *,
+    reactor: Any,
+    connect_timeout: float,
+    reply_timeout: float,
+    pool_size: int,
+    max_retry_delay: float,
+) -> _Factory:
+    """
+    Start a connection pool to ``address``: see `twistauth.redisconn.connect`.
+    """
+    health = LinkHealth(address=address, clock=reactor, retry_every=max_retry_delay)
+    factory = _Factory(
+        address=address,
+        health=health,
+        clock=reactor,
+        pool_size=pool_size,
+        reply_timeout=reply_timeout,
+        handshake_timeout=connect_timeout,
+        max_retry_delay=max_retry_delay,
+        expect_master=address.sentinel,
+    )
+    endpoint = RedisEndpoint(address, reactor=reactor, connect_timeout=connect_timeout)
+    endpoint.on_failure = lambda reason: factory.attempt_failed(UNAVAILABLE, reason)
+    endpoint.on_master_changed = factory.drop_connections
+    endpoint.on_failover = factory.failing_over
+    factory.endpoint = endpoint
+    factory.startConnecting(endpoint)
+    return factory
