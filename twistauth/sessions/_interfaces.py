@@ -92,6 +92,14 @@ class Session(MutableMapping[str, Any]):
     def __len__(self) -> int:
         return len(self._data)
 
+    # The mixins' versions go through __getitem__ and a KeyError: slow for
+    # the common "not set" answer, which the access checks ask every call.
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._data.get(key, default)
+
     @property
     def data(self) -> Dict[str, Any]:
         """

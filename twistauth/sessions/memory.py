@@ -28,8 +28,8 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from twistauth.sessions._common import (
+    FIELD_NAMES,
     Timeouts,
-    dump_fields,
     dump_value,
     is_session_id,
     load_session,
@@ -45,16 +45,28 @@ _SWEEP = 4
 @attr.s(slots=True)
 class _Record:
     """
-    One stored session: its fields and its state, each value as JSON text
-    (a load decodes copies, so a loaded session never aliases the store).
+    One stored session: its own fields as immutable values (read on every
+    load, so kept decoded), and its state with each value as JSON text (a
+    load decodes copies, so a loaded session never aliases the store).
     """
 
-    fields: Dict[str, str] = attr.ib()
+    fields: Dict[str, Any] = attr.ib()
     data: Dict[str, str] = attr.ib()
     version: int = attr.ib()
 
     def value(self, name: str) -> Any:
-        return json.loads(self.fields[name])
+        return self.fields[name]
+
+
+def _field_values(session: Session) -> Dict[str, Any]:
+    """
+    The session's own fields (`FIELD_NAMES`) as the record keeps them: the
+    roles as a sorted tuple, every other field a str, number, bool or None.
+    """
+    fields = session.fields()
+    json.dumps(fields)  # what the Redis cache cannot store, this one refuses too
+    fields["roles"] = tuple(fields["roles"])
+    return {name: fields[name] for name in FIELD_NAMES}
 
 
 @implementer(ISessionCache)
@@ -107,12 +119,13 @@ class MemorySessionCache:
         if record is None:
             return succeed(None)
         if touch:
-            record.fields["last_seen"] = json.dumps(self.clock.seconds())
+            record.fields["last_seen"] = self.clock.seconds()
             self._records.move_to_end(token)
+        data = record.data
         session = load_session(
             token,
-            {name: json.loads(text) for name, text in record.fields.items()},
-            {key: json.loads(text) for key, text in record.data.items()},
+            record.fields,
+            {key: json.loads(text) for key, text in data.items()} if data else {},
             record.version,
         )
         return succeed(session)
@@ -191,9 +204,9 @@ class MemorySessionCache:
         changes = {key: dump_value(key, value) for key, value in session.changes().items()}
         session.last_seen = now
         if record.version == 0 or session.fields_changed():
-            record.fields.update(dump_fields(session))
+            record.fields.update(_field_values(session))
         else:
-            record.fields["last_seen"] = json.dumps(now)
+            record.fields["last_seen"] = now
         if record.version == 0:
             record.data = {key: dump_value(key, session[key]) for key in session}
         else:

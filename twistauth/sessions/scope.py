@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Optional
 
 import attr
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 
 from twistauth.sessions._interfaces import ISessionCache, Session
 
@@ -38,6 +38,7 @@ class Commit:
 
 
 UNCHANGED = Commit()
+CLEAR = Commit(clear=True)
 
 
 @attr.s(slots=True)
@@ -62,14 +63,18 @@ class SessionScope:
         Load the session a client's token names (if any) into a new scope.
         """
         if not token:
-            d: Deferred[SessionScope] = Deferred()
-            d.callback(cls(cache))
-            return d
+            return succeed(cls(cache))
+        return cache.load(token).addCallback(cls.loaded, cache, token)
 
-        def loaded(session: Optional[Session]) -> SessionScope:
-            return cls(cache, presented=True, session=session, token=token)
-
-        return cache.load(token).addCallback(loaded)
+    @classmethod
+    def loaded(
+        cls, session: Optional[Session], cache: ISessionCache, token: str
+    ) -> SessionScope:
+        """
+        The scope of a request that presented ``token``, which names
+        ``session`` (``None``: no live session), as ``cache.load`` answered.
+        """
+        return cls(cache, True, session, token)
 
     @property
     def token(self) -> Optional[str]:
@@ -98,9 +103,7 @@ class SessionScope:
         The request's session, created (unsaved) if it has none.
         """
         if self.session is not None:
-            d: Deferred[Session] = Deferred()
-            d.callback(self.session)
-            return d
+            return succeed(self.session)
 
         def created(session: Session) -> Session:
             self.session = session
@@ -177,27 +180,31 @@ class SessionScope:
             yield self.cache.delete(session)
         self._ended = True
 
-    @inlineCallbacks
-    def commit(self) -> Any:
+    def commit(self) -> Deferred[Commit]:
         """
         Save what changed and say what the client must be told.
+
+        Answers with an already-fired Deferred when there is nothing to
+        save (the common case: a call that changed nothing).
 
         :return: Deferred firing with a `Commit`.
         """
         session = self.session
         if session is None:
             if self._ended or self.dead_token:
-                return Commit(clear=True)
-            return UNCHANGED
+                return succeed(CLEAR)
+            return succeed(UNCHANGED)
         if session.dirty or self._token is None:
-            token = yield self.cache.save(session)
-            if token is None:
-                # Logged out meanwhile by another request: not brought back.
-                return Commit(clear=True)
-            if token != self._token or self._renewed:
-                self._token = token
-                return Commit(token=token, session=session)
-            return Commit(session=session)
+            return self.cache.save(session).addCallback(self._saved, session)
         if self._renewed:
-            return Commit(token=self._token, session=session)
+            return succeed(Commit(token=self._token, session=session))
+        return succeed(Commit(session=session))
+
+    def _saved(self, token: Optional[str], session: Session) -> Commit:
+        if token is None:
+            # Logged out meanwhile by another request: not brought back.
+            return CLEAR
+        if token != self._token or self._renewed:
+            self._token = token
+            return Commit(token=token, session=session)
         return Commit(session=session)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
 
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from twistauth._fired import PENDING, fired_value
 from twistauth.errors import (
     BodyTooLargeError,
     InternalError,
@@ -25,7 +26,7 @@ from twistauth.errors import (
     TwistauthError,
 )
 from twistauth.methods.codec import JSON, Codec, request_codec, response_codec
-from twistauth.methods.dispatch import Dispatcher, Outcome, error_envelope
+from twistauth.methods.dispatch import Dispatcher, MaybeOutcome, Outcome, error_envelope
 from twistauth.methods.envelope import Call, parse_envelope
 from twistauth.sessions._interfaces import ISessionCache
 from twistauth.sessions.scope import UNCHANGED, Commit, SessionScope
@@ -111,17 +112,35 @@ class APIResource(Resource):
                 if carrier is not None:
                     transport.apply(request, carrier, UNCHANGED, None)
                 return self._write(request, codec, outcome)
-            d = maybeDeferred(lambda: outcome).addCallback(self._commit, request, scope, carrier)
-        else:
-            d = SessionScope.for_token(cache, token).addCallback(  # type: ignore[arg-type]
+            return self._respond(request, codec, self._committed(outcome, request, scope, carrier))
+        loading = cache.load(token)  # type: ignore[union-attr]
+        session = fired_value(loading)
+        if session is PENDING:
+            pending = loading.addCallback(SessionScope.loaded, cache, token).addCallback(
                 self._call_with_session, request, codec, carrier
             )
-        self._answer_later(request, codec, d)
-        return NOT_DONE_YET
+            return self._respond(request, codec, pending)
+        scope = SessionScope.loaded(session, cache, token)  # type: ignore[arg-type]
+        return self._respond(
+            request, codec, self._call_with_session(scope, request, codec, carrier)
+        )
+
+    def _respond(self, request: Any, codec: Codec, outcome: MaybeOutcome) -> Any:
+        """
+        Answer with ``outcome`` now if it is there (a body with a
+        ``Content-Length``), else when it comes.
+        """
+        if isinstance(outcome, Deferred):
+            value = fired_value(outcome)
+            if value is PENDING:
+                self._answer_later(request, codec, outcome)
+                return NOT_DONE_YET
+            outcome = value
+        return self._write(request, codec, outcome)  # type: ignore[arg-type]
 
     def _call_with_session(
         self, scope: SessionScope, request: Any, codec: Codec, carrier: Optional[str]
-    ) -> Any:
+    ) -> MaybeOutcome:
         session = scope.session
         if session is not None and carrier == COOKIE:
             try:
@@ -130,14 +149,14 @@ class APIResource(Resource):
                 return error_envelope(e)
         if session is None or session.signing_key is None:
             outcome = self._call(request, codec, scope, answer=False)
-            return maybeDeferred(lambda: outcome).addCallback(self._commit, request, scope, carrier)
+            return self._committed(outcome, request, scope, carrier)
         key = session.signing_key
         body = request.content.read()
 
-        def verified(nonce: bytes) -> Any:
+        def verified(nonce: bytes) -> MaybeOutcome:
             request._twistauth_signing = (key, nonce)
             outcome = self._call(request, codec, scope, answer=False, body=body)
-            return maybeDeferred(lambda: outcome).addCallback(self._commit, request, scope, carrier)
+            return self._committed(outcome, request, scope, carrier)
 
         return maybeDeferred(  # type: ignore[call-overload]
             verify_request,
@@ -149,14 +168,42 @@ class APIResource(Resource):
             self.nonces,
         ).addCallback(verified)
 
+    def _committed(
+        self, outcome: MaybeOutcome, request: Any, scope: SessionScope, carrier: Optional[str]
+    ) -> MaybeOutcome:
+        """
+        ``outcome`` once the session is committed and the client told what
+        the commit decided: at once when nothing waits on I/O.
+        """
+        if isinstance(outcome, Deferred):
+            value = fired_value(outcome)
+            if value is PENDING:
+                return outcome.addCallback(self._commit, request, scope, carrier)
+            outcome = value
+        return self._commit(outcome, request, scope, carrier)  # type: ignore[arg-type]
+
     def _commit(
         self, outcome: Outcome, request: Any, scope: SessionScope, carrier: Optional[str]
-    ) -> Any:
-        def tell(commit: Commit) -> Outcome:
-            self.transport.apply(request, carrier, commit, scope.token)  # type: ignore[union-attr]
-            return outcome
+    ) -> MaybeOutcome:
+        try:
+            committing = scope.commit()
+        except Exception:
+            committing = fail()
+        commit = fired_value(committing)
+        if commit is PENDING:
+            return committing.addCallback(self._tell, outcome, request, scope, carrier)
+        return self._tell(commit, outcome, request, scope, carrier)
 
-        return scope.commit().addCallback(tell)
+    def _tell(
+        self,
+        commit: Commit,
+        outcome: Outcome,
+        request: Any,
+        scope: SessionScope,
+        carrier: Optional[str],
+    ) -> Outcome:
+        self.transport.apply(request, carrier, commit, scope.token)  # type: ignore[union-attr]
+        return outcome
 
     def _call(
         self,

@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""
+Per-request CPU cost of the session scenario's servers, in one process,
+without a network: a request's bytes go straight into the server's
+``HTTPChannel`` over a ``StringTransport``, so the figure is the server's
+own work (HTTP parsing, the resource, the session, the answer) and nothing
+of the kernel's or of ``wrk``'s.
+
+    python3 bench/inproc.py                       # every server, 5 rounds
+    python3 bench/inproc.py --servers twistauth-memory,bare-memory --profile
+
+It complements ``bench/run.py --scenario sessions`` (which measures real
+sockets under load): on a shared, noisy machine, the CPU time of a tight
+in-process loop (the best of several rounds) is far steadier than req/s,
+so it is the tool for finding and checking a regression; ``run.py`` remains
+the figure to report.  Only the servers whose sessions answer without I/O
+are here (memory and sealed cookies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import cProfile
+import pstats
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE / "servers")]  # the checkout, then the bare servers
+
+from twisted.internet.address import IPv4Address  # noqa: E402
+from twisted.internet.testing import StringTransport  # noqa: E402
+
+BODY = b'{"method":"echo","parameters":{"x":1}}'
+ANSWER = b'{"result":{"x":1}}'
+
+
+def _request(headers: List[Tuple[str, str]]) -> bytes:
+    lines = [
+        "POST /api HTTP/1.1",
+        "Host: 127.0.0.1:8080",
+        "Content-Type: application/json",
+        f"Content-Length: {len(BODY)}",
+        *(f"{name}: {value}" for name, value in headers),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + BODY
+
+
+class Connection:
+    """
+    One keep-alive connection into a site: `send` one request, get the
+    response bytes.
+    """
+
+    def __init__(self, site: Any) -> None:
+        self.transport = StringTransport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 8080),
+            peerAddress=IPv4Address("TCP", "127.0.0.1", 40000),
+        )
+        self.protocol = site.buildProtocol(self.transport.getPeer())
+        self.protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> bytes:
+        self.protocol.dataReceived(data)
+        out = self.transport.value()
+        self.transport.clear()
+        return out
+
+
+def _bare(store_kind: str) -> Tuple[Any, List[Tuple[str, str]]]:
+    from session_bare import Api, MemoryStore, SealedStore
+    from twisted.web.server import Site
+
+    store: Any
+    if store_kind == "memory":
+        store = MemoryStore()
+    else:
+        store = SealedStore(secrets.token_bytes(32))
+    site = Site(Api(store), parsePOSTFormSubmission=False)
+    return site, [("Cookie", "sid=" + store.create({"user_id": "bench"}))]
+
+
+def _twistauth(cache: str) -> Tuple[Any, List[Tuple[str, str]]]:
+    from twisted.internet import reactor
+
+    from twistauth.app import make_app
+
+    keys = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+    app = make_app(
+        clock=reactor,
+        session_cache=cache,
+        session_keys=[keys],
+        user_store="memory",
+        argon2_time_cost=1,
+        argon2_memory_cost=8192,
+    )
+    for service in app.background:
+        service.startService()
+    site = app.site()
+    # Log in as the bench does: account.create in a header-mode session.
+    connection = Connection(site)
+    create = (
+        b'{"method":"account.create","parameters":{"user_id":"bench","password":"benchbench1"}}'
+    )
+    raw = (
+        b"POST /api HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Type: application/json\r\n"
+        b"X-Twistauth-Session: \r\nContent-Length: " + str(len(create)).encode() + b"\r\n\r\n"
+        + create
+    )
+    connection.protocol.dataReceived(raw)
+    # Password hashing runs in a thread: let the reactor turn until it answers.
+    deadline = time.monotonic() + 30
+    while b"\r\n\r\n" not in connection.transport.value():
+        reactor.iterate(0.01)  # type: ignore[attr-defined]
+        if time.monotonic() > deadline:
+            raise SystemExit(
+                f"twistauth-{cache}: account.create did not answer: "
+                f"{connection.transport.value()[:300]!r}"
+            )
+    head = connection.transport.value().split(b"\r\n\r\n", 1)[0].decode()
+    token = None
+    for line in head.split("\r\n"):
+        name, _, value = line.partition(":")
+        if name.lower() == "x-twistauth-session":
+            token = value.strip()
+    if not token:
+        raise SystemExit(f"twistauth-{cache}: no session token in {head!r}")
+    return site, [("X-Twistauth-Session", token)]
+
+
+def _bare_echo() -> Tuple[Any, List[Tuple[str, str]]]:
+    from twisted.web.server import Site
+    from twisted_web import Echo
+
+    return Site(Echo(), parsePOSTFormSubmission=False), []
+
+
+def _twistauth_anonymous() -> Tuple[Any, List[Tuple[str, str]]]:
+    site, _ = _twistauth("memory")
+    return site, []
+
+
+SERVERS: Dict[str, Callable[[], Tuple[Any, List[Tuple[str, str]]]]] = {
+    "bare-echo": _bare_echo,
+    "twistauth-anonymous": _twistauth_anonymous,
+    "bare-memory": lambda: _bare("memory"),
+    "bare-sealed": lambda: _bare("sealed"),
+    "twistauth-memory": lambda: _twistauth("memory"),
+    "twistauth-client": lambda: _twistauth("client"),
+}
+
+COUNTERPARTS = {
+    "twistauth-anonymous": "bare-echo",
+    "twistauth-memory": "bare-memory",
+    "twistauth-client": "bare-sealed",
+}
+
+
+def measure(site: Any, headers: List[Tuple[str, str]], count: int) -> float:
+    """
+    CPU microseconds per request over ``count`` requests on one connection.
+    """
+    connection = Connection(site)
+    data = _request(headers)
+    out = connection.send(data)
+    if not out.startswith(b"HTTP/1.1 200") or ANSWER not in out:
+        raise SystemExit(f"unexpected answer: {out[:400]!r}")
+    send = connection.send
+    start = time.process_time()
+    for _ in range(count):
+        send(data)
+    return (time.process_time() - start) / count * 1e6
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--servers", default=",".join(SERVERS))
+    p.add_argument("--count", type=int, default=20000, help="requests per round (20000)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds; the best is kept (5)")
+    p.add_argument("--profile", action="store_true", help="print a cProfile of each server")
+    p.add_argument("--sort", default="tottime", help="the profile's order (tottime)")
+    p.add_argument("--lines", type=int, default=25, help="the profile's rows (25)")
+    options = p.parse_args(argv)
+    names = options.servers.split(",")
+    built = {name: SERVERS[name]() for name in names}
+    best: Dict[str, float] = {name: float("inf") for name in names}
+    for _ in range(options.rounds):
+        for name in names:  # round-robin, so drift hits every server alike
+            site, headers = built[name]
+            best[name] = min(best[name], measure(site, headers, options.count))
+    print(f"{'server':<20} {'CPU µs/request':>15} {'vs counterpart':>15}")
+    for name in names:
+        other = COUNTERPARTS.get(name)
+        ratio = (
+            f"{best[other] / best[name]:.2f}x {other}" if other in best else ""
+        )
+        print(f"{name:<20} {best[name]:>15.1f} {ratio:>15}")
+    if options.profile:
+        for name in names:
+            site, headers = built[name]
+            profiler = cProfile.Profile()
+            profiler.runcall(measure, site, headers, options.count)
+            print(f"\n== {name}")
+            pstats.Stats(profiler).sort_stats(options.sort).print_stats(options.lines)
+
+
+if __name__ == "__main__":
+    main()
