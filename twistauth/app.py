@@ -6,6 +6,12 @@ method registry, the dispatcher, the Klein routes and the resource tree from
 a `Settings`; `TwistauthApp.resource` can be served by twistauth's own
 site (``twistd -n twistauth``) or mounted under a path of a host
 application's site.
+
+It also wires operations (`twistauth.operations`): the app's `Metrics` (or
+`NullMetrics` when ``metrics`` is off) fed by the dispatcher's hooks, the
+session caches, the logout watcher, the bus and the method cache; the
+readiness checks behind ``/readyz``; and request ids, given to every
+request and returned in ``X-Request-Id``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,15 @@ from twistauth.identity.install import install_oidc
 from twistauth.methods.dispatch import Dispatcher
 from twistauth.methods.handler import Services
 from twistauth.methods.registry import MethodRegistry
+from twistauth.metrics import IMetrics, Metrics, NullMetrics, chain_hooks
+from twistauth.observe import RequestIds
+from twistauth.operations import (
+    add_readiness_checks,
+    counting_cache_class,
+    klein_route_name,
+    method_metrics_hook,
+    request_exception_hook,
+)
 from twistauth.sessions._interfaces import IRevocations, ISessionCache
 from twistauth.sessions.client import ClientSessionCache
 from twistauth.sessions.memory import MemorySessionCache
@@ -45,6 +60,14 @@ from twistauth.web.api import APIResource
 from twistauth.web.auth import BACKCHANNEL_MAX_BYTES
 from twistauth.web.demo import ProviderButton, add_demo_routes, make_demo_resource
 from twistauth.web.events import LogoutEndpoints
+from twistauth.web.health import (
+    HealthChecks,
+    HealthSite,
+    HealthzResource,
+    MetricsResource,
+    ReadyzResource,
+    health_site,
+)
 from twistauth.web.root import RootResource
 from twistauth.web.routes import make_routes
 from twistauth.web.signing import INonceStore, MemoryNonceStore, RedisNonceStore
@@ -77,16 +100,46 @@ class TwistauthApp:
     """Services the app needs running (the password-hashing pool, Redis
     connections): `twistauth.service.TwistauthService` starts them before
     it listens and stops them after."""
+    metrics: IMetrics = attr.ib(factory=NullMetrics)
+    """What ``/metrics`` shows: a `twistauth.metrics.Metrics`, or a
+    `NullMetrics` when the ``metrics`` setting is off."""
+    health: Optional[HealthChecks] = attr.ib(default=None)
+    """The readiness checks behind ``/readyz``."""
+    request_ids: Optional[RequestIds] = attr.ib(default=None)
+    """Gives every request its id (the ``X-Request-Id`` header)."""
+
+    def _fast_paths(self) -> Dict[str, Tuple[str, IResource]]:
+        """
+        The exactly matched paths, by path: (route name, resource).
+        """
+        fast: Dict[str, Tuple[str, IResource]] = {self.settings.api_path: ("api", self.api)}
+        if self.logout is not None:
+            fast["/logout/wait"] = ("logout_wait", self.logout.wait)
+            fast["/events"] = ("events", self.logout.events)
+        if self.settings.metrics_listen is None and self.health is not None:
+            fast["/healthz"] = ("healthz", HealthzResource())
+            fast["/readyz"] = ("readyz", ReadyzResource(self.health))
+            if isinstance(self.metrics, Metrics):
+                fast["/metrics"] = ("metrics", MetricsResource(self.metrics))
+        return fast
 
     def resource(self) -> IResource:
         """
-        The resource that serves the whole application.
+        The resource that serves the whole application: the exact paths
+        (the JSON endpoint, the logout waits, and health and metrics unless
+        ``metrics_listen`` serves them) without routing, Klein for the rest.
         """
-        fast: Dict[str, IResource] = {self.settings.api_path: self.api}
-        if self.logout is not None:
-            fast["/logout/wait"] = self.logout.wait
-            fast["/events"] = self.logout.events
-        return RootResource(fast, self.routes.resource())
+        fast = {path: resource for path, (_, resource) in self._fast_paths().items()}
+        return RootResource(fast, self.routes.resource(), request_ids=self.request_ids)
+
+    def health_site(self) -> HealthSite:
+        """
+        A site for the private ``metrics_listen`` endpoint: ``/healthz``,
+        ``/readyz`` and (with metrics on) ``/metrics``.
+        """
+        checks = self.health if self.health is not None else HealthChecks(clock=self.clock)
+        metrics = self.metrics if isinstance(self.metrics, Metrics) else None
+        return health_site(checks, metrics, clock=self.clock)
 
     def shutdown(self) -> Deferred[None]:
         """
@@ -117,6 +170,12 @@ class TwistauthApp:
             max_connections_per_ip=s.max_connections_per_ip,
             body_limits=body_limits,
             access_log=s.access_log,
+            metrics=self.metrics if isinstance(self.metrics, Metrics) else None,
+            route_names={
+                path.encode("ascii"): name for path, (name, _) in self._fast_paths().items()
+            },
+            route_name=klein_route_name,
+            request_ids=self.request_ids,
         )
 
 
@@ -144,6 +203,12 @@ class RedisConnections(Service):
             )
         return connection
 
+    def connections(self) -> List[Tuple[str, Any]]:
+        """
+        The connections made so far, as ``(url, connection)`` pairs.
+        """
+        return list(self._connections.items())
+
     def stopService(self) -> Any:
         super().stopService()
         closing = [redisconn.disconnect(c) for c in self._connections.values()]
@@ -152,20 +217,30 @@ class RedisConnections(Service):
 
 
 def make_session_caches(
-    settings: Settings, clock: IReactorTime, redis: RedisConnections
+    settings: Settings,
+    clock: IReactorTime,
+    redis: RedisConnections,
+    metrics: Optional[IMetrics] = None,
 ) -> Tuple[ISessionCache, ISessionCache]:
     """
     The session caches the settings choose: one for tokens carried in the
     cookie and one for the header (the same cache, except for client-side
     sessions, whose seal binds the carrier's name).
+
+    :param metrics: counts sessions created and ended
+        (`twistauth.operations.counting_cache_class`).
     """
+
+    def kind(base: Any) -> Any:
+        return base if metrics is None else counting_cache_class(base, metrics)
+
     common: Dict[str, Any] = {
         "clock": clock,
         "idle_timeout": settings.session_idle_timeout,
         "absolute_timeout": settings.session_absolute_timeout,
     }
     if settings.session_cache == "memory":
-        cache: ISessionCache = MemorySessionCache(
+        cache: ISessionCache = kind(MemorySessionCache)(
             max_entries=settings.session_max_entries, **common
         )
         header_cache = cache
@@ -179,20 +254,20 @@ def make_session_caches(
         else:
             revocations = MemoryRevocations(clock=clock)
         prefix = "__Host-" if settings.session_cookie_secure else ""
-        cache = ClientSessionCache(
+        cache = kind(ClientSessionCache)(
             keys=settings.session_keys,
             revocations=revocations,
             carrier_name=prefix + settings.session_cookie_name,
             **common,
         )
-        header_cache = ClientSessionCache(
+        header_cache = kind(ClientSessionCache)(
             keys=settings.session_keys,
             revocations=revocations,
             carrier_name=SESSION_HEADER.decode("ascii"),
             **common,
         )
     else:
-        cache = RedisSessionCache(
+        cache = kind(RedisSessionCache)(
             redis=redis.get(settings.session_cache),
             call_timeout=settings.redis_timeout,
             **common,
@@ -358,6 +433,7 @@ def make_app(
     clock: IReactorTime,
     reactor: Any = None,
     registry: Optional[MethodRegistry] = None,
+    metrics_instance: Optional[IMetrics] = None,
     **keywords: Any,
 ) -> TwistauthApp:
     """
@@ -370,6 +446,9 @@ def make_app(
         connections; ``clock`` when not given.
     :param registry: a registry of your own methods; the ``method_modules``
         setting's modules are loaded into it.
+    :param metrics_instance: where the app counts (e.g. a `Metrics`
+        sharing a multi-process directory); default: a new `Metrics`, or
+        `NullMetrics` when the ``metrics`` setting is off.
     :raises twistauth.settings.SettingsError: for invalid keywords.
     :raises ImportError: a method module cannot be imported.
     :raises ValueError: two methods share a name.
@@ -390,9 +469,15 @@ def make_app(
         )
     if reactor is None:
         reactor = clock
+    metrics: IMetrics
+    if metrics_instance is not None:
+        metrics = metrics_instance
+    else:
+        metrics = Metrics() if settings.metrics else NullMetrics()
+    counting = metrics if settings.metrics else None
     redis = RedisConnections(settings)
     background: List[IService] = [redis]
-    sessions, header_sessions = make_session_caches(settings, clock, redis)
+    sessions, header_sessions = make_session_caches(settings, clock, redis, counting)
     registry.load("twistauth.methods.builtin")
     accounts: Dict[str, Any] = {}
     if settings.local_accounts:
@@ -426,9 +511,14 @@ def make_app(
     dispatcher = Dispatcher(
         registry,
         services,
-        exception_hook=settings.exception_hook,
+        # With no hook of the application's, a method's unexpected exception
+        # is logged with its request's id (see request_exception_hook).
+        exception_hook=settings.exception_hook or request_exception_hook(None),
         before_hook=settings.before_hook,
-        after_hook=settings.after_hook,
+        after_hook=chain_hooks(
+            method_metrics_hook(metrics) if counting is not None else None,
+            settings.after_hook,
+        ),
         authorize=access.authorize,
     )
     api = APIResource(
@@ -468,6 +558,7 @@ def make_app(
         services=services,
         api=api,
         redis=redis,
+        metrics=metrics,
     )
     if settings.demo:
         buttons = [
@@ -484,6 +575,25 @@ def make_app(
             "/demo",
         )
         log.info("twistauth: demo page at /demo/ ({origin})", origin=settings.origins["demo"])
+    health = HealthChecks(clock=clock, default_timeout=settings.readiness_timeout)
+    add_readiness_checks(
+        health,
+        clock=clock,
+        # A Redis answer later than redis_timeout fails every call anyway.
+        timeout=min(settings.readiness_timeout, settings.redis_timeout),
+        redis=redis.connections(),
+        users=accounts.get("users"),
+        bus=bus,
+        metrics=metrics,
+    )
+    metrics.watch_waiters(lambda: int(logout.watcher.stats()["watches"]))
+    metrics.watch_stats(
+        "logout_waits", "Logout waits and long-polls: open, and how they ended.",
+        logout.watcher.stats,
+    )
+    metrics.watch_stats("bus", "Notification bus counters.", bus.stats)
+    if method_cache is not None:
+        metrics.watch_cache("methods", method_cache.stats)
     return TwistauthApp(
         settings=settings,
         clock=clock,
@@ -494,4 +604,7 @@ def make_app(
         services=services,
         background=tuple(background),
         logout=logout,
+        metrics=metrics,
+        health=health,
+        request_ids=RequestIds(trust_incoming=settings.request_id_trust_header),
     )

@@ -32,12 +32,27 @@ counts the rest under ``"other"`` values, so a bug cannot blow up memory.
 
 Modules that take metrics accept any `IMetrics`; `NullMetrics` does nothing
 (the default for code and tests that do not care).
+
+**Several processes.**  With ``--processes N`` a scrape reaches one worker
+(the kernel picks it), so a worker's own counts would be misleading.  Each
+process then writes its totals into files of a directory the parent owns
+(``PROMETHEUS_MULTIPROC_DIR``, in ``prometheus_client``'s multi-process
+format: ``counter_<pid>.db``, ``histogram_<pid>.db``,
+``gauge_livesum_<pid>.db``), about once a second (`SharedMetricsService`)
+and again just before it answers a scrape; whichever process answers
+renders the sum over every file (`Metrics.render`).  Counters of a worker
+that ended stay in the sum (a restart never makes a counter go down); its
+gauges leave it (`forget_process`).  Another process's counts are at most
+one flush interval old.  ``process_*`` metrics describe one process only,
+so they are left out in this mode.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from bisect import bisect_left
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -48,6 +63,9 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.utils import floatToGoString
+from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
@@ -160,6 +178,29 @@ class IMetrics(Interface):
         :return: a function that removes the source.
         """
 
+    def watch_cache(cache: str, source: Callable[[], Mapping[str, Any]]) -> None:
+        """
+        Add a cache that keeps its own counters: ``source()`` answers its
+        totals (``{"hits": n, "misses": m}``), read at scrape time and
+        counted in ``cache_requests_total{cache}`` (nothing on the hot path).
+        """
+
+    def watch_stats(name: str, doc: str, source: Callable[[], Dict[str, Any]]) -> None:
+        """
+        Export a component's ``stats()`` dict as one gauge family, read at
+        scrape time.
+        """
+
+    def watch_logging(pipeline: Any) -> None:
+        """
+        Export a `twistauth.observe.LogPipeline`'s counts at scrape time.
+        """
+
+    def watch_alerts(alerts: Any) -> None:
+        """
+        Export a `twistauth.observe.AlertObserver`'s counters at scrape time.
+        """
+
 
 class _Counter:
     """
@@ -268,16 +309,32 @@ class Metrics:
         max_series: int = 2000,
         process_metrics: bool = True,
         registry: Optional[CollectorRegistry] = None,
+        multiprocess_dir: Optional[str] = None,
+        pid: Optional[int] = None,
     ) -> None:
         """
         :param prefix: put before every metric name.
         :param buckets: the method-latency histogram's upper bounds, seconds.
         :param max_series: most label sets kept per family.
         :param process_metrics: also export the process's CPU, memory and
-            open files (``process_*``, Linux only).
+            open files (``process_*``, Linux only; never with
+            ``multiprocess_dir``).
         :param registry: a registry to add to (default: a new one).
+        :param multiprocess_dir: share the counts with the other processes
+            of a deployment through this directory (see the module
+            docstring): `snapshot` writes this process's files, `render`
+            answers the sum over every process.
+        :param pid: names this process's files (default: ``os.getpid()``).
         """
         self.prefix = prefix
+        self.multiprocess_dir = multiprocess_dir
+        self._shared = (
+            _SharedFiles(multiprocess_dir, os.getpid() if pid is None else pid)
+            if multiprocess_dir is not None
+            else None
+        )
+        if multiprocess_dir is not None:
+            process_metrics = False
         self.registry = registry if registry is not None else CollectorRegistry()
         n = max_series
         self._requests = _Counter(
@@ -312,6 +369,7 @@ class Metrics:
             self._redis,
         )
         self._waiter_sources: List[Callable[[], int]] = []
+        self._cache_sources: List[Tuple[str, Callable[[], Mapping[str, Any]]]] = []
         self._watched: List[Callable[[], Iterator[Metric]]] = []
         self.registry.register(_Collector(self))
         if process_metrics:
@@ -365,6 +423,9 @@ class Metrics:
                 self._waiter_sources.remove(source)
 
         return remove
+
+    def watch_cache(self, cache: str, source: Callable[[], Mapping[str, Any]]) -> None:
+        self._cache_sources.append((cache, source))
 
     # -- other sources ----------------------------------------------------------
 
@@ -439,9 +500,30 @@ class Metrics:
 
     # -- exposition ---------------------------------------------------------------
 
+    def _cache_family(self, prefix: str) -> Metric:
+        """
+        Cache look-ups: counted calls plus the watched caches' own totals.
+        """
+        values = dict(self._cache.values)
+        for cache, source in list(self._cache_sources):
+            try:
+                stats = source()
+                for result, field in (("hit", "hits"), ("miss", "misses")):
+                    key = (cache, result)
+                    values[key] = values.get(key, 0.0) + float(stats.get(field, 0))
+            except Exception:
+                log.failure("a cache statistics source failed")
+        family = CounterMetricFamily(prefix + self._cache.name, self._cache.doc, labels=self._cache.labels)
+        for key, value in values.items():
+            family.add_metric([str(k) for k in key], value)
+        return family
+
     def _families(self) -> List[Metric]:
         prefix = self.prefix
-        families: List[Metric] = [c.family(prefix) for c in self._counters]
+        families: List[Metric] = [
+            self._cache_family(prefix) if c is self._cache else c.family(prefix)
+            for c in self._counters
+        ]
         families.append(self._latency.family(prefix))
         total = 0
         for source in list(self._waiter_sources):
@@ -460,10 +542,167 @@ class Metrics:
     def render(self, accept: Optional[str] = None) -> Tuple[bytes, str]:
         """
         The exposition and its content type, in the format ``accept`` asks
-        for (Prometheus text by default, OpenMetrics if asked).
+        for (Prometheus text by default, OpenMetrics if asked).  With a
+        ``multiprocess_dir``: this process's counts are written first, and
+        the answer is the sum over every process's files.
         """
         encoder, content_type = choose_encoder(accept or "")
-        return encoder(self.registry), content_type
+        if self._shared is None:
+            return encoder(self.registry), content_type
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        self.snapshot()
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self._shared.directory)
+        return encoder(registry), content_type
+
+    def snapshot(self) -> None:
+        """
+        Write this process's totals to its files in ``multiprocess_dir``
+        (nothing without one).  Never raises: a failure is logged.
+        """
+        if self._shared is None:
+            return
+        try:
+            self._shared.write(self._families())
+        except Exception:
+            log.failure("could not write the shared metrics files")
+
+    def close(self) -> None:
+        """
+        Write a last snapshot and close the shared files.
+        """
+        if self._shared is not None:
+            self.snapshot()
+            self._shared.close()
+
+
+class _SharedFiles:
+    """
+    One process's files in a ``prometheus_client`` multi-process
+    directory, written with absolute totals (each process owns its files,
+    so no increments need merging).
+    """
+
+    _FILES = {"counter": "counter", "gauge": "gauge_livesum", "histogram": "histogram"}
+
+    def __init__(self, directory: str, pid: int) -> None:
+        self.directory = directory
+        self.pid = pid
+        self._files: Dict[str, Any] = {}
+        self._keys: Dict[Tuple[Any, ...], str] = {}
+
+    def _file(self, kind: str) -> Any:
+        mmaped = self._files.get(kind)
+        if mmaped is None:
+            from prometheus_client.mmap_dict import MmapedDict
+
+            path = os.path.join(self.directory, f"{kind}_{self.pid}.db")
+            mmaped = self._files[kind] = MmapedDict(path)
+        return mmaped
+
+    def _key(self, family: Metric, name: str, labels: Mapping[str, str]) -> str:
+        cache_key = (family.name, name, tuple(sorted(labels.items())))
+        key = self._keys.get(cache_key)
+        if key is None:
+            key = self._keys[cache_key] = json.dumps(
+                [family.name, name, dict(labels), family.documentation], sort_keys=True
+            )
+        return key
+
+    def write(self, families: Sequence[Metric]) -> None:
+        for family in families:
+            kind = self._FILES.get(family.type)
+            if kind is None:
+                continue
+            target = self._file(kind)
+            if family.type == "histogram":
+                self._write_histogram(target, family)
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                target.write_value(self._key(family, sample.name, sample.labels), sample.value, 0.0)
+
+    def _write_histogram(self, target: Any, family: Metric) -> None:
+        # The files hold per-bucket counts (the reader accumulates them) and
+        # the sum; the count is derived from the buckets.
+        buckets: Dict[Tuple[Tuple[str, str], ...], List[Tuple[float, str, float]]] = {}
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            if sample.name.endswith("_bucket"):
+                le = labels.pop("le")
+                key = tuple(sorted(labels.items()))
+                buckets.setdefault(key, []).append((float(le), le, sample.value))
+            elif sample.name.endswith("_sum"):
+                target.write_value(self._key(family, sample.name, labels), sample.value, 0.0)
+        for key, series in buckets.items():
+            series.sort()
+            below = 0.0
+            for _, le, cumulative in series:
+                labels = dict(key, le=le)
+                target.write_value(
+                    self._key(family, family.name + "_bucket", labels), cumulative - below, 0.0
+                )
+                below = cumulative
+
+    def close(self) -> None:
+        for mmaped in self._files.values():
+            mmaped.close()
+        self._files.clear()
+
+
+def forget_process(directory: str, pid: int) -> None:
+    """
+    A process of the deployment ended: its gauges (live waiters, component
+    stats) leave the sums; its counters stay.
+    """
+    from prometheus_client.multiprocess import mark_process_dead
+
+    mark_process_dead(pid, directory)
+
+
+def clear_directory(directory: str) -> None:
+    """
+    Remove every metrics file from ``directory`` (at a deployment's start:
+    counts of an earlier run must not be summed in).
+    """
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
+
+
+class SharedMetricsService(Service):
+    """
+    Writes a `Metrics`'s snapshot to its ``multiprocess_dir`` every
+    ``interval`` seconds while running, and once more (then closes the
+    files) when stopped.
+    """
+
+    name = "twistauth-metrics"
+
+    def __init__(self, metrics: Metrics, *, clock: IReactorTime, interval: float = 1.0) -> None:
+        self.metrics = metrics
+        self._clock = clock
+        self.interval = interval
+        self._loop: Optional[LoopingCall] = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.metrics.snapshot)
+        self._loop.clock = self._clock
+        self._loop.start(self.interval, now=True)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        self.metrics.close()
+        return None
 
 
 @implementer(IMetrics)
@@ -507,6 +746,18 @@ class NullMetrics:
 
     def watch_waiters(self, source: Callable[[], int]) -> Callable[[], None]:
         return lambda: None
+
+    def watch_cache(self, cache: str, source: Callable[[], Mapping[str, Any]]) -> None:
+        pass
+
+    def watch_stats(self, name: str, doc: str, source: Callable[[], Dict[str, Any]]) -> None:
+        pass
+
+    def watch_logging(self, pipeline: Any) -> None:
+        pass
+
+    def watch_alerts(self, alerts: Any) -> None:
+        pass
 
 
 def chain_hooks(*hooks: Optional[Callable[[Any], Any]]) -> Optional[Callable[[Any], Any]]:

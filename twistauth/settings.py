@@ -376,6 +376,118 @@ def _log_path(text: str) -> str:
     return text
 
 
+
+def _secret_text_kind() -> Kind:
+    """
+    A secret string (a password), or ``"file:PATH"`` naming a file that
+    holds it (its first line; keeps it off the command line and out of
+    ``ps``).  Never shown (``repr``, `Settings.describe`, logs).
+    """
+    allowed = "a password, or 'file:PATH' naming a file that holds it"
+
+    def parse(text: str) -> str:
+        if text.startswith("file:"):
+            path = text[len("file:") :]
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.readline().rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"cannot read the password file {path!r}: {e}") from None
+        if not text:
+            raise ValueError(f"expected {allowed}; it is empty")
+        return text
+
+    def check(value: Any) -> Optional[str]:
+        if value is None:
+            return None
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"expected {allowed}; the bytes are not UTF-8") from None
+            if not value:
+                raise ValueError(f"expected {allowed}; it is empty")
+            return value
+        return parse(_check_str(value))
+
+    return Kind(allowed, check, parse, secret=True)
+
+
+def _optional_text_kind(allowed: str, item: Callable[[str], str] = str) -> Kind:
+    """
+    A string checked by ``item``, or unset (``None``; an empty string in
+    text sources).
+    """
+
+    def check(value: Any) -> Optional[str]:
+        if value is None:
+            return None
+        return item(_check_str(value))
+
+    def parse(text: str) -> Optional[str]:
+        return item(text) if text else None
+
+    return Kind(allowed, check, parse)
+
+
+def _writable_path(path: str) -> None:
+    """
+    Raise `ValueError` naming ``path`` unless a file there can be appended
+    to or created (nothing is created now).
+    """
+    import os
+
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory, not a log file")
+    if os.path.exists(path):
+        writable = os.access(path, os.W_OK)
+    else:
+        writable = os.access(os.path.dirname(path), os.W_OK | os.X_OK)
+    if not writable:
+        raise ValueError(f"cannot write the log file {path!r}")
+
+
+def _log_observer(text: str) -> str:
+    """
+    One log observer description (`twistauth.observe.parse_observer_spec`);
+    a file's path must be writable (checked now, nothing created).
+    """
+    from twistauth.observe import parse_observer_spec
+
+    spec = parse_observer_spec(text)
+    if spec.kind == "file" and spec.path:
+        _writable_path(spec.path)
+    return text
+
+
+def _log_level(text: str) -> str:
+    from twistauth.observe import parse_level
+
+    parse_level(text)
+    return text.strip().lower()
+
+
+def _mail_address(text: str) -> str:
+    if (
+        not text
+        or text.count("@") != 1
+        or text.startswith("@")
+        or text.endswith("@")
+        or any(c in text for c in "\r\n,;<> \t\"")
+    ):
+        raise ValueError(f"expected a plain e-mail address such as 'ops@example.org', got {text!r}")
+    return text
+
+
+def _readable_file(text: str) -> str:
+    import os
+
+    if not os.access(text, os.R_OK) or os.path.isdir(text):
+        raise ValueError(f"cannot read the file {text!r}")
+    return text
+
+
 def _access_check(name: str) -> Callable[[str], str]:
     """
     A checker from `twistauth.access`, imported when first used.
@@ -435,6 +547,10 @@ def _local_path(value: Any) -> str:
         raise ValueError(f"expected a path on this server such as '/' or '/home', got {text!r}")
     return text
 
+
+#: The paths of the health and metrics endpoints on the main site (when
+#: ``metrics_listen`` is unset).
+HEALTH_PATHS = ("/healthz", "/readyz", "/metrics")
 
 API_PATH_OR_ROOT = Kind("a path on this server such as '/'", _local_path, _local_path)
 INT_BYTES = _int_kind(1, 16 * 1024 * 1024)
@@ -786,6 +902,121 @@ class Settings:
         _float_kind(1, 86400),
         "The window, in seconds, worker crashes are counted over.",
     )
+    log_observers: Tuple[str, ...] = setting(
+        ("text",),
+        _list_kind(_log_observer, "log observer descriptions"),
+        "Where log events go, each through the redaction filter: 'text' or 'json' "
+        "(standard output; ':stream=stderr'), 'file:PATH' (text, rotated by size; "
+        "options format=json, max_bytes=10M, count=5, level=...), 'smtp' (error "
+        "events mailed in batches; needs the alert_* settings).  Each may name its "
+        "own level (':level=warn').  Under twistd and left unset, it follows twistd: "
+        "standard output with -n, else twistd's --logfile (default twistd.log).",
+        example="file:/var/log/twistauth/app.jsonl:format=json",
+    )
+    log_level: str = setting(
+        "info",
+        Kind("debug, info, warn, error or critical", lambda v: _log_level(_check_str(v)), _log_level),
+        "The lowest level logged by observers that name none.  Changes on SIGHUP.",
+    )
+    alert_smtp_host: Optional[str] = setting(
+        None,
+        _optional_text_kind("a host name or address"),
+        "The mail server alert mails go to (the 'smtp' log observer).",
+        example="mail.example.org",
+    )
+    alert_smtp_port: int = setting(25, _int_kind(1, 65535), "The mail server's port.")
+    alert_smtp_tls: str = setting(
+        "none",
+        Kind(
+            "'none', 'starttls' or 'implicit'",
+            lambda v: _choice(_check_str(v), ("none", "starttls", "implicit")),
+            lambda t: _choice(t, ("none", "starttls", "implicit")),
+        ),
+        "TLS to the mail server: none, STARTTLS (required: no mail is sent without "
+        "it), or implicit TLS (usually port 465).  The certificate is verified.",
+    )
+    alert_smtp_username: Optional[str] = setting(
+        None,
+        _optional_text_kind("a user name"),
+        "The mail server's AUTH user name (with it, authentication is required).",
+        example="twistauth",
+    )
+    alert_smtp_password: Optional[str] = setting(
+        None,
+        _secret_text_kind(),
+        "The mail server's AUTH password, or 'file:PATH'.  Never shown or logged.",
+        example="file:/etc/twistauth/smtp.password",
+    )
+    alert_smtp_ca_file: Optional[str] = setting(
+        None,
+        _optional_text_kind("a readable PEM file", _readable_file),
+        "A PEM file of the CA that signed the mail server's certificate, instead of "
+        "the system's.",
+        example="/etc/twistauth/mail-ca.pem",
+    )
+    alert_from: Optional[str] = setting(
+        None,
+        _optional_text_kind("an e-mail address", _mail_address),
+        "The sender address of alert mails.",
+        example="twistauth@example.org",
+    )
+    alert_to: Tuple[str, ...] = setting(
+        (),
+        _list_kind(_mail_address, "e-mail addresses"),
+        "Who gets alert mails.",
+        example="ops@example.org",
+    )
+    alert_subject: str = setting(
+        "twistauth alert",
+        Kind("a subject line", _check_str, str),
+        "The beginning of alert mails' subject (the count, host and first error follow).",
+    )
+    alert_batch_delay: float = setting(
+        30.0,
+        _float_kind(0, 3600),
+        "Seconds to collect error events after the first before one mail carries them all.",
+    )
+    alert_min_interval: float = setting(
+        300.0,
+        _float_kind(0, 86400),
+        "Least seconds between two alert mails: an error storm sends a handful of "
+        "mails, never one per error.",
+    )
+    alert_max_events: int = setting(
+        50, _int_kind(1, 10_000), "Error events listed in one mail (the rest are counted)."
+    )
+    alert_timeout: float = setting(
+        30.0,
+        _float_kind(1, 600),
+        "Seconds one mail may take to send; then it is abandoned and its events are "
+        "dropped (counted in the metrics).",
+    )
+    metrics: bool = setting(
+        True,
+        BOOL,
+        "Count requests, method calls and latencies, logins, refreshes, logouts, "
+        "sessions, waiters, cache hits and Redis errors, and serve them at GET /metrics "
+        "(Prometheus text format).",
+    )
+    metrics_listen: Optional[str] = setting(
+        None,
+        _optional_text_kind("a Twisted server endpoint string", _endpoint),
+        "A separate, private endpoint for /metrics, /healthz and /readyz.  Unset: "
+        "they are served on the main site (keep them from the public with a proxy).",
+        example="tcp:9100:interface=127.0.0.1",
+    )
+    readiness_timeout: float = setting(
+        2.0,
+        _float_kind(0.05, 60),
+        "Seconds each /readyz check (Redis PING, user store, bus) may take before it "
+        "counts as failed (Redis checks: at most redis_timeout).",
+    )
+    request_id_trust_header: bool = setting(
+        False,
+        BOOL,
+        "Keep a well-formed X-Request-Id sent by the client instead of making a new "
+        "one.  Switch on only behind a proxy that sets or strips the header.",
+    )
     exception_hook: Optional[Callable[..., Any]] = setting(
         None,
         CALLABLE,
@@ -925,7 +1156,9 @@ class Settings:
                     "method_cache = 'memory' would serve answers another process "
                     "invalidated: set method_cache = 'redis://HOST:PORT/DB' or 'none'"
                 )
-            for description in self.listen:
+            for description in self.listen + (
+                (self.metrics_listen,) if self.metrics_listen else ()
+            ):
                 try:
                     listen_spec(description)
                 except ValueError as e:
@@ -955,11 +1188,48 @@ class Settings:
                 "a deployment sharing Redis needs a deployment_key (the same on every "
                 "process: it authenticates bus messages between them)",
             )
+        self._check_operations()
         if self.session_idle_timeout > self.session_absolute_timeout:
             raise SettingsError(
                 "session_idle_timeout",
                 self.origins["session_idle_timeout"],
                 f"must not exceed session_absolute_timeout ({self.session_absolute_timeout:g} s)",
+            )
+
+    def _check_operations(self) -> None:
+        """
+        Logging, alert and health settings that depend on each other.
+        """
+        from twistauth.observe import parse_observer_spec
+
+        kinds = [parse_observer_spec(text).kind for text in self.log_observers]
+        if "smtp" in kinds:
+            missing = [
+                key
+                for key, value in (
+                    ("alert_smtp_host", self.alert_smtp_host),
+                    ("alert_from", self.alert_from),
+                    ("alert_to", self.alert_to),
+                )
+                if not value
+            ]
+            if missing:
+                raise SettingsError(
+                    "log_observers",
+                    self.origins["log_observers"],
+                    "the 'smtp' observer mails alerts and needs these settings too: "
+                    + ", ".join(missing),
+                )
+            if kinds.count("smtp") > 1:
+                raise SettingsError(
+                    "log_observers", self.origins["log_observers"], "list 'smtp' once"
+                )
+        if self.metrics_listen is None and self.api_path in HEALTH_PATHS:
+            raise SettingsError(
+                "api_path",
+                self.origins["api_path"],
+                f"{self.api_path} serves health or metrics; choose another api_path or "
+                "set metrics_listen",
             )
 
     def describe(self, name: str) -> str:
@@ -968,7 +1238,10 @@ class Settings:
         never shown.
         """
         value = getattr(self, name)
-        if isinstance(value, bytes) or (
+        field = Settings.keys().get(name)
+        if field is not None and field.metadata["kind"].secret and isinstance(value, str):
+            shown = "<hidden>"
+        elif isinstance(value, bytes) or (
             isinstance(value, tuple) and value and isinstance(value[0], bytes)
         ):
             shown = f"{len(value) if isinstance(value, tuple) else 1} key(s) set"

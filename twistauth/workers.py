@@ -21,7 +21,15 @@ serves nothing.  It:
   (systemd, Kubernetes) to see;
 - relays its children's log events into its own log (a child's ``twistd
   --logger`` is `worker_log_observer`, which writes JSON lines on the
-  child's stdout), so only the parent writes log files and sends alerts;
+  child's stdout), so only the parent writes log files and sends alerts
+  (a child opens no log file and builds no alert observer; it leaves out
+  events below every observer's level, `relay_level`);
+- owns the directory where every process writes its metrics
+  (``PROMETHEUS_MULTIPROC_DIR``, see `twistauth.metrics`), so any worker
+  answers ``/metrics`` with the deployment's totals; it forgets an ended
+  worker's gauges;
+- binds ``metrics_listen`` too, when set, for the children to adopt like
+  ``listen`` (each child serves ``/healthz``, ``/readyz``, ``/metrics`` there);
 - forwards SIGHUP to every child once its own reload succeeded;
 - on SIGTERM sends SIGTERM to every child, waits for them (their graceful
   stop plus a margin; then SIGKILL) and exits 0.
@@ -46,7 +54,8 @@ process, so their values keep winning), validates them, applies the keys
 that may change at run time and logs each change; any other changed key is
 logged as refused and keeps its value until a restart.  Keys that can
 change: ``session_keys`` (the client-side session cache's keyring: rotate
-by putting a new key first) and, once wired, ``log_level``.  A worker that
+by putting a new key first) and ``log_level`` (the observers that name no
+level of their own; a worker relays from the new level on).  A worker that
 the parent restarts reads the configuration as it is then, refused keys
 included: restart the whole service to change those.
 """
@@ -70,6 +79,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import (
     ILogObserver,
     Logger,
+    LogLevel,
     eventFromJSON,
     globalLogPublisher,
     jsonFileLogObserver,
@@ -794,6 +804,7 @@ class WorkerPool(Service):
         on_give_up: Callable[[], Any],
         publisher: Callable[[Dict[str, Any]], None] = globalLogPublisher,
         open_socket: Callable[[ListenSpec], Any] = open_listening_socket,
+        on_ended: Optional[Callable[[int], Any]] = None,
     ) -> None:
         """
         :param reactor: spawns processes (``IReactorProcess``) and keeps time.
@@ -803,6 +814,8 @@ class WorkerPool(Service):
         :param on_give_up: called once, after too many crashes (it should
             stop the reactor and make the process exit non-zero).
         :param publisher: where relayed log events go.
+        :param on_ended: called with a worker's process id when it ended
+            (its metrics' gauges are forgotten).
         """
         self._reactor = reactor
         self.count = count
@@ -814,6 +827,7 @@ class WorkerPool(Service):
         self._on_give_up = on_give_up
         self._publish = publisher
         self._open_socket = open_socket
+        self._on_ended = on_ended
         self._sockets: List[Any] = []
         self.workers: Dict[int, WorkerProcess] = {}
         self._restarts: Dict[int, IDelayedCall] = {}
@@ -905,6 +919,12 @@ class WorkerPool(Service):
         """
         if self.workers.get(worker.slot) is worker:
             del self.workers[worker.slot]
+        if self._on_ended is not None and worker.pid is not None:
+            try:
+                self._on_ended(worker.pid)
+            except Exception:
+                log.failure("twistauth: parent: cleaning up after worker {worker_pid} failed",
+                            worker_pid=worker.pid)
         status = _status(reason)
         if self._stopping:
             log.info(
@@ -1011,6 +1031,54 @@ class WorkerPool(Service):
         self._stopped.callback(None)
 
 
+#: The environment variable naming the deployment's metrics directory
+#: (``prometheus_client``'s own name for it).
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class MetricsDirectory(Service):
+    """
+    The parent's metrics directory, where every process of the deployment
+    writes its counts (`twistauth.metrics`): the directory named by
+    ``PROMETHEUS_MULTIPROC_DIR`` if set (its old ``*.db`` files removed:
+    counts of an earlier run must not be added in), else a new private
+    one, removed when this service stops (after the workers).
+    """
+
+    name = "twistauth-metrics-directory"
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        from twistauth.metrics import clear_directory
+
+        given = environ.get(METRICS_DIR_ENV)
+        if given:
+            os.makedirs(given, mode=0o700, exist_ok=True)
+            clear_directory(given)
+            self.path = given
+            self._owned = False
+        else:
+            import tempfile
+
+            self.path = tempfile.mkdtemp(prefix="twistauth-metrics-")
+            self._owned = True
+
+    def forget(self, pid: int) -> None:
+        """
+        A worker ended: its gauges leave the sums (its counters stay).
+        """
+        from twistauth.metrics import forget_process
+
+        forget_process(self.path, pid)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._owned:
+            import shutil
+
+            shutil.rmtree(self.path, ignore_errors=True)
+        return None
+
+
 def reactor_name(reactor: Any) -> Optional[str]:
     """
     The ``twistd --reactor`` name of ``reactor``'s kind, if it has one.
@@ -1078,17 +1146,63 @@ def worker_environ(environ: Mapping[str, str], implementation: str) -> Dict[str,
     return result
 
 
+#: The lowest level a worker relays (`set_relay_level`); events below it
+#: would be dropped by every observer of the parent.
+_relay_level = [0]
+
+_LEVEL_NUMBERS = {
+    LogLevel.debug: 0,
+    LogLevel.info: 1,
+    LogLevel.warn: 2,
+    LogLevel.error: 3,
+    LogLevel.critical: 4,
+}
+
+
+def relay_level(settings: Settings) -> int:
+    """
+    The lowest level any of the parent's log observers takes (0 debug ...
+    4 critical): a worker need not send the parent anything below it.
+    """
+    from twistauth.observe import parse_level, parse_observer_spec
+
+    default = parse_level(settings.log_level)
+    levels = []
+    for text in settings.log_observers:
+        spec = parse_observer_spec(text)
+        if spec.level:
+            levels.append(parse_level(spec.level))
+        else:
+            levels.append(parse_level("error") if spec.kind == "smtp" else default)
+    return min(levels, default=default)
+
+
+def set_relay_level(level: int) -> None:
+    """
+    Relay events from ``level`` on (this worker's `worker_log_observer`;
+    on start-up and SIGHUP).  The event saying the worker is ready is
+    always relayed.
+    """
+    _relay_level[0] = level
+
+
 @implementer(ILogObserver)
 class _RelayObserver:
     """
     Writes each event as a JSON line on a worker's stdout for the parent;
-    drops events it cannot write (the parent is gone).
+    drops events below `relay_level` and those it cannot write (the parent
+    is gone).
     """
 
     def __init__(self, stream: Any) -> None:
         self._observer = jsonFileLogObserver(stream)
 
     def __call__(self, event: Dict[str, Any]) -> None:
+        if (
+            _LEVEL_NUMBERS.get(event.get("log_level"), 1) < _relay_level[0]
+            and READY_KEY not in event
+        ):
+            return
         try:
             self._observer(event)
         except (OSError, ValueError):

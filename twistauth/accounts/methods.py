@@ -15,6 +15,10 @@ same body and in the same time, whether the user id is unknown, has no
 password, or the password is wrong: unknown users are checked against a
 dummy hash.  Failed attempts are throttled per account and per client
 address (429 with ``Retry-After``).  Passwords are never logged.
+
+Each login, logout and account change is a structured log event (fields
+``event``, ``outcome``, ``reason``, ``user_id``, ``address``) carrying the
+request's ``request_id``.
 """
 
 from __future__ import annotations
@@ -34,8 +38,16 @@ from twistauth.errors import (
     TwistauthError,
 )
 from twistauth.methods.registry import method
+from twistauth.observe import RequestLogger, bind_request_id, request_id_of
 
 log = Logger()
+
+
+def _log(handler: Any) -> RequestLogger:
+    """
+    This module's logger, stamping the id of the handler's request.
+    """
+    return bind_request_id(log, request_id_of(handler.request))
 
 
 def _parts(handler: Any) -> Tuple[IUserStore, PasswordHasher, ILoginThrottle]:
@@ -93,22 +105,19 @@ async def check_password(handler: Any, user_id: str, password: str) -> User:
     else:
         ok = await passwords.verify(password_hash, password)
     if user is None or password_hash is None or not ok:
-        log.info(
-            "twistauth: failed password check for {user_id} from {address}",
-            user_id=user_id,
-            address=address,
-        )
+        # Logged by the caller, with its outcome (login, password change).
         raise InvalidCredentialsError()
     if user.disabled:
-        log.info("twistauth: disabled account {user_id} refused", user_id=user_id)
         raise AccountDisabledError()
     await throttle.succeeded(attempt)
     if passwords.needs_rehash(password_hash):
-        user = await _rehash(users, passwords, user, password)
+        user = await _rehash(_log(handler), users, passwords, user, password)
     return user
 
 
-async def _rehash(users: IUserStore, passwords: PasswordHasher, user: User, password: str) -> User:
+async def _rehash(
+    log: Logger, users: IUserStore, passwords: PasswordHasher, user: User, password: str
+) -> User:
     """
     Store a hash with the current parameters (a failure only costs the
     upgrade, never the login).
@@ -153,8 +162,11 @@ async def create(handler: Any, user_id: str, password: str) -> Dict[str, Any]:
     # probing for existing ids is throttled like guessing passwords.
     user = await users.create(User(user_id=user_id, password_hash=password_hash))
     await throttle.succeeded(attempt)
-    log.info(
-        "twistauth: account {user_id} created from {address}", user_id=user_id, address=address
+    _log(handler).info(
+        "twistauth: account {user_id} created from {address}",
+        user_id=user_id,
+        address=address,
+        event="account_created",
     )
     await handler.log_in(user.user_id, user.roles, permanent=False)
     return session_info(handler.session)
@@ -172,12 +184,27 @@ async def login(
     ``login_throttled`` (429, with ``Retry-After``).
     """
     user_id = check_user_id(user_id)
-    user = await check_password(handler, user_id, password)
+    try:
+        user = await check_password(handler, user_id, password)
+    except TwistauthError as e:
+        _log(handler).info(
+            "twistauth: login of {user_id} from {address} failed: {reason}",
+            user_id=user_id,
+            address=handler.client_address,
+            event="login",
+            outcome="failure",
+            reason=e.name,
+            kind="password",
+        )
+        raise
     await handler.log_in(user.user_id, user.roles, permanent=remember)
-    log.info(
+    _log(handler).info(
         "twistauth: {user_id} logged in from {address}",
         user_id=user.user_id,
         address=handler.client_address,
+        event="login",
+        outcome="success",
+        kind="password",
     )
     return session_info(handler.session)
 
@@ -187,7 +214,13 @@ async def logout(handler: Any) -> None:
     """
     End this session (logged in or not).
     """
+    session = handler.session
+    user_id = session.user_id if session is not None else None
     await handler.log_out()
+    if user_id is not None:
+        _log(handler).info(
+            "twistauth: {user_id} logged out", user_id=user_id, event="logout", kind="password"
+        )
 
 
 @method("account.logout_everywhere")
@@ -200,7 +233,12 @@ async def logout_everywhere(handler: Any) -> Dict[str, Any]:
     user_id = _logged_in_user(handler)
     ended = await handler.log_out_everywhere(user_id)
     await handler.log_out()
-    log.info("twistauth: {user_id} logged out everywhere", user_id=user_id)
+    _log(handler).info(
+        "twistauth: {user_id} logged out everywhere",
+        user_id=user_id,
+        event="logout_everywhere",
+        ended=ended,
+    )
     return {"ended": ended}
 
 
@@ -217,14 +255,30 @@ async def change_password(handler: Any, old_password: str, new_password: str) ->
     user_id = _logged_in_user(handler)
     passwords.policy.check_new(new_password)
     permanent = bool(handler.session.permanent)
-    user = await check_password(handler, user_id, old_password)
+    try:
+        user = await check_password(handler, user_id, old_password)
+    except TwistauthError as e:
+        _log(handler).info(
+            "twistauth: password change of {user_id} from {address} refused: {reason}",
+            user_id=user_id,
+            address=handler.client_address,
+            event="password_change",
+            outcome="failure",
+            reason=e.name,
+        )
+        raise
     new_hash = await passwords.hash(new_password)
     user = await _modify_user(users, user_id, lambda u: u.evolve(password_hash=new_hash))
     # End every session, this one too, then continue in a fresh one.
     await handler.log_out_everywhere(user_id, reason="password_changed")
     await handler.log_out()
     await handler.log_in(user_id, user.roles, permanent=permanent)
-    log.info("twistauth: {user_id} changed their password", user_id=user_id)
+    _log(handler).info(
+        "twistauth: {user_id} changed their password",
+        user_id=user_id,
+        event="password_change",
+        outcome="success",
+    )
     return session_info(handler.session)
 
 

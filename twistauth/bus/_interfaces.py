@@ -116,6 +116,16 @@ class IBus(Interface):
         ``pending_deliveries`` (woken but not yet fired).
         """
 
+    def ping(timeout: float) -> Any:
+        """
+        Check that the bus can deliver now (the readiness probe): for a
+        distributed backend, that it is subscribed and its server answers
+        within ``timeout`` seconds.
+
+        :return: Deferred firing with ``True``, or failing with
+            `twistauth.errors.BackendUnavailableError` saying what is wrong.
+        """
+
     def start() -> Any:
         """
         Start connecting, for backends that connect.

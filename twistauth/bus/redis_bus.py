@@ -217,6 +217,27 @@ class RedisBus:
         d = gatherResults(stopping, consumeErrors=True)
         return d.addCallback(lambda _: None)
 
+    def ping(self, timeout: float) -> Deferred[bool]:
+        """
+        See `IBus.ping`: the subscriber is subscribed, and the publishing
+        connection's server answers PING within ``timeout`` seconds.
+        """
+        if not self._subscriber.connected:
+            return fail(
+                BackendUnavailableError(
+                    f"the bus is not subscribed to Redis at {self.address.redacted()}"
+                )
+            )
+        if self._connection is None:
+            return fail(BackendUnavailableError("the bus is not started"))
+        d = redisconn.call(
+            self.clock,
+            timeout,
+            self._connection.ping,
+            what=f"Redis at {self.address.redacted()} (bus)",
+        )
+        return d.addCallback(lambda _: True)
+
     # -- waiting: local ---------------------------------------------------
 
     def wait_for_key(self, key: Key, timeout: Optional[float] = None) -> Deferred[Any]:

@@ -49,6 +49,7 @@ from twistauth.identity.tokens import (
     UserContext,
     derive_token_key,
 )
+from twistauth.metrics import NullMetrics
 
 log = Logger()
 
@@ -130,6 +131,7 @@ def install_oidc(
     redis: Any,
     http_client: Any = None,
     providers: Optional[Sequence[ProviderConfig]] = None,
+    metrics: Any = None,
 ) -> List[IService]:
     """
     Build OpenID Connect login for an app (`build_oidc`), mount its routes
@@ -142,7 +144,7 @@ def install_oidc(
 
     parts = build_oidc(
         settings=settings, clock=clock, reactor=reactor, services=services, api=api,
-        redis=redis, http_client=http_client, providers=providers,
+        redis=redis, http_client=http_client, providers=providers, metrics=metrics,
     )
     if parts is None:
         return []
@@ -161,6 +163,7 @@ def build_oidc(
     redis: Any,
     http_client: Any = None,
     providers: Optional[Sequence[ProviderConfig]] = None,
+    metrics: Any = None,
 ) -> Optional[OIDCParts]:
     """
     Build OpenID Connect login for an app: relying parties, stores, token
@@ -177,6 +180,8 @@ def build_oidc(
     :param http_client: a treq client for the providers (tests: a
         ``StubTreq``); default: `twistauth.identity.make_http_client`.
     :param providers: the providers (default: ``settings.providers``).
+    :param metrics: counts OpenID logins, refreshes and back-channel
+        logouts (a `twistauth.metrics.IMetrics`; default: nothing counted).
     :return: the `OIDCParts`, or ``None`` when no provider is configured.
     """
     from twistauth.web.auth import LoginPage, OIDCRoutes, SessionAccess, SourceRateLimiter
@@ -257,6 +262,7 @@ def build_oidc(
         end_sessions=end_sessions,
         margin=settings.oidc_refresh_margin,
         session_lifetime=settings.session_absolute_timeout,
+        metrics=metrics if metrics is not None else NullMetrics(),
     )
     page_options: Dict[str, Any] = {"title": settings.login_page_title}
     if settings.login_page_css:
@@ -276,7 +282,12 @@ def build_oidc(
         page=LoginPage(**page_options),
         logout_landing=settings.oidc_logout_landing,
         cookie_secure=secure,
+        metrics=metrics if metrics is not None else NullMetrics(),
     )
+    if metrics is not None:
+        metrics.watch_stats("oidc", "OpenID Connect routes' counters.", lambda: dict(oidc.counts))
+        metrics.watch_stats("oidc_refresh", "Token refreshes in this process.", lambda: dict(tokens.counts))
+        metrics.watch_stats("oidc_flows", "Login flow store counters.", flow_store.stats)
     for config in configs:
         _check_paths(config)
         log.info(

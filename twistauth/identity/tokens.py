@@ -500,6 +500,8 @@ class TokenManager:
     retry_max: float = attr.ib(default=60.0)
     session_lifetime: float = attr.ib(default=43200.0)
     max_logins: int = attr.ib(default=50)
+    metrics: Any = attr.ib(default=None)
+    """Counts refreshes by outcome and reason (an `IMetrics`), or ``None``."""
     _inflight: Dict[Tuple[str, str], _Shared] = attr.ib(init=False, factory=dict)
     _backoff: Dict[Tuple[str, str], _Backoff] = attr.ib(init=False, factory=dict)
     counts: Dict[str, int] = attr.ib(
@@ -837,8 +839,10 @@ class TokenManager:
         renewing.start(max(0.01, self.lock_lease / 3), now=False)
         try:
             result = await party.refresh(context.tokens, claims=context.claims)
-        except RefreshRejectedError:
+        except RefreshRejectedError as e:
             self.counts["rejected"] += 1
+            if self.metrics is not None:
+                self.metrics.refresh("failure", e.name)
             log.warn(
                 "twistauth: {provider} refused to renew the login of {user_id}: "
                 "its tokens are deleted and its sessions ended",
@@ -849,6 +853,8 @@ class TokenManager:
             raise
         except TRANSIENT_ERRORS as e:
             self.counts["failed"] += 1
+            if self.metrics is not None:
+                self.metrics.refresh("failure", e.name)
             key = (user_id, provider)
             previous = self._backoff.get(key)
             delay = self.retry_initial if previous is None else min(
@@ -878,6 +884,8 @@ class TokenManager:
         )
         await self._store_refreshed(fresh, entry)
         self.counts["refreshed"] += 1
+        if self.metrics is not None:
+            self.metrics.refresh("success")
         return fresh
 
     def _renew(self, lease: Lease) -> Deferred[None]:

@@ -290,8 +290,22 @@ class LogPipeline:
         could not be redacted (the sinks get a line saying so instead).
     """
 
-    def __init__(self, *, sinks: Sequence[Any], redactor: Optional[Redactor] = None) -> None:
+    def __init__(
+        self,
+        *,
+        sinks: Sequence[Any],
+        redactor: Optional[Redactor] = None,
+        default_level_sinks: Sequence[Any] = (),
+    ) -> None:
+        """
+        :param sinks: where redacted events go.
+        :param redactor: the redaction filter (default: `Redactor()`).
+        :param default_level_sinks: the sinks whose level is the default
+            level (their description named none): `set_default_level`
+            changes those.
+        """
         self.sinks: Tuple[Any, ...] = tuple(sinks)
+        self.default_level_sinks: Tuple[Any, ...] = tuple(default_level_sinks)
         self.redactor = redactor if redactor is not None else Redactor()
         self.counts: Dict[str, int] = {name: 0 for name in LEVELS}
         self.sink_errors = 0
@@ -343,6 +357,25 @@ class LogPipeline:
         for s in chosen:
             s.level = number
         self._refresh()
+
+    def set_default_level(self, level: str) -> None:
+        """
+        Change the level of the sinks that follow the default level (those
+        whose description named no level of its own): the ``log_level``
+        setting's reload on SIGHUP.
+
+        :raises ValueError: for an unknown level.
+        """
+        number = parse_level(level)
+        for sink in self.default_level_sinks:
+            sink.level = number
+        self._refresh()
+
+    def lowest_level(self) -> int:
+        """
+        The lowest level any sink takes (events below it are dropped at once).
+        """
+        return self._lowest
 
     def reopen(self) -> None:
         """
@@ -501,6 +534,7 @@ def build_logging(
     if streams:
         chosen_streams.update(streams)
     sinks: List[Any] = []
+    defaults: List[Any] = []
     opened: List[FileSink] = []
     alert_observer: Optional[AlertObserver] = None
     try:
@@ -515,6 +549,8 @@ def build_logging(
                         level=level,
                     )
                 )
+                if not spec.level:
+                    defaults.append(sinks[-1])
             elif spec.kind == "file":
                 sink = FileSink(
                     name=spec.name,
@@ -524,6 +560,8 @@ def build_logging(
                 )
                 opened.append(sink)
                 sinks.append(sink)
+                if not spec.level:
+                    defaults.append(sink)
             else:
                 if alert_observer is not None:
                     raise LogSetupError("the smtp log observer is listed twice")
@@ -537,7 +575,8 @@ def build_logging(
             sink.close()
         raise
     return LoggingSetup(
-        observer=LogPipeline(sinks=sinks, redactor=redactor), alerts=alert_observer
+        observer=LogPipeline(sinks=sinks, redactor=redactor, default_level_sinks=defaults),
+        alerts=alert_observer,
     )
 
 

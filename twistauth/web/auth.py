@@ -76,11 +76,29 @@ from twistauth.identity.tokens import (
     provider_of,
     user_id_for,
 )
+from twistauth.metrics import IMetrics, NullMetrics
+from twistauth.observe import RequestLogger, bind_request_id, request_id_of
 from twistauth.sessions._interfaces import ISessionCache
 from twistauth.sessions.scope import Commit, SessionScope
 from twistauth.web.transport import CSRF_HEADER, HEADER, CSRFError, SessionTransport
 
 log = Logger()
+
+
+def _log(request: Any) -> RequestLogger:
+    """
+    This module's logger, stamping ``request``'s id on every event.
+    """
+    return bind_request_id(log, request_id_of(request))
+
+
+def _correlation_id(request: Any) -> str:
+    """
+    The id a 500 answer quotes: the request's id (also in ``X-Request-Id``
+    and on the request's log events), else a fresh one.
+    """
+    return request_id_of(request) or secrets.token_hex(8)
+
 
 BACKCHANNEL_MAX_BYTES = 16 * 1024
 """The largest back-channel logout body read (checklist #63)."""
@@ -404,6 +422,8 @@ class OIDCRoutes:
     :ivar page: the login page's look.
     :ivar logout_landing: where a browser goes after a verified logout return.
     :ivar cookie_secure: flow cookies are ``Secure`` with the ``__Host-`` prefix.
+    :ivar metrics: counts logins (``kind="oidc"``) and back-channel logouts
+        by outcome and reason.
     """
 
     parties: Mapping[str, RelyingParty] = attr.ib()
@@ -418,6 +438,7 @@ class OIDCRoutes:
     page: LoginPage = attr.ib(factory=LoginPage)
     logout_landing: str = attr.ib(default="/")
     cookie_secure: bool = attr.ib(default=True)
+    metrics: IMetrics = attr.ib(factory=NullMetrics)
     counts: Dict[str, int] = attr.ib(
         init=False,
         factory=lambda: dict.fromkeys(
@@ -499,12 +520,26 @@ class OIDCRoutes:
         if failure.check(TwistauthError):
             error = failure.value
         else:
-            cid = secrets.token_hex(8)
-            log.failure("twistauth: an OpenID Connect route failed (correlation id {cid})",
-                        failure, cid=cid)
+            cid = _correlation_id(request)
+            _log(request).failure(
+                "twistauth: an OpenID Connect route failed (correlation id {cid})", failure, cid=cid
+            )
             error = InternalError(f"something went wrong; try again (correlation id {cid})")
         self.counts["logins_failed"] += 1
         return _error_page(request, error)
+
+    def _callback_error(self, failure: Any, request: Any) -> Any:
+        if not failure.check(CancelledError):
+            reason = failure.value.name if failure.check(TwistauthError) else "internal_error"
+            self.metrics.login("failure", reason, "oidc")
+            _log(request).info(
+                "twistauth: login with an identity provider failed: {reason}",
+                event="login",
+                outcome="failure",
+                reason=reason,
+                kind="oidc",
+            )
+        return self._browser_error(failure, request)
 
     # -- GET /redirect ------------------------------------------------------
 
@@ -513,7 +548,7 @@ class OIDCRoutes:
             # Never consume a login for a HEAD (link checkers, prefetch).
             return html_page(request, 200, "Login", "")
         return ensureDeferred(self._callback(request, name)).addErrback(
-            self._browser_error, request
+            self._callback_error, request
         )
 
     async def _callback(self, request: Any, name: Optional[str]) -> bytes:
@@ -564,14 +599,20 @@ class OIDCRoutes:
                 try:
                     await scope.cache.delete(scope.session)
                 except Exception:
-                    log.warn("twistauth: could not undo a half-finished login's session")
+                    _log(request).warn(
+                        "twistauth: could not undo a half-finished login's session"
+                    )
             raise
         self.access.transport.apply(request, carrier, commit, scope.token)
         self.counts["logins_finished"] += 1
-        log.info(
+        self.metrics.login("success", "ok", "oidc")
+        _log(request).info(
             "twistauth: {user_id} logged in with {provider}",
             user_id=user.user_id,
             provider=transaction.provider,
+            event="login",
+            outcome="success",
+            kind="oidc",
         )
         target = result.return_to
         body = html_page(
@@ -593,6 +634,9 @@ class OIDCRoutes:
         if failure.check(CancelledError):
             return failure
         self.counts["backchannel_refused"] += 1
+        self.metrics.backchannel_logout(
+            "failure", failure.value.name if failure.check(TwistauthError) else "internal_error"
+        )
         if self.rate_limiter is not None and not failure.check(RateLimitedError):
             self.rate_limiter.refused(_client_address(request))
         if failure.check(RateLimitedError, BodyTooLargeError):
@@ -605,12 +649,21 @@ class OIDCRoutes:
             description = str(failure.value)
             if failure.check(BackendUnavailableError):
                 # Sessions may still be live: an operator must know (checklist #63).
-                log.error("twistauth: back-channel logout NOT carried out: {reason}",
-                          reason=description)
+                _log(request).error(
+                    "twistauth: back-channel logout NOT carried out: {reason}",
+                    reason=description,
+                    event="backchannel_logout",
+                    outcome="failure",
+                )
             elif not failure.check(IdentityError):
-                log.warn("twistauth: back-channel logout refused: {reason}", reason=description)
+                _log(request).warn(
+                    "twistauth: back-channel logout refused: {reason}",
+                    reason=description,
+                    event="backchannel_logout",
+                    outcome="failure",
+                )
         else:
-            log.failure("twistauth: back-channel logout failed", failure)
+            _log(request).failure("twistauth: back-channel logout failed", failure)
             description = "the logout could not be carried out"
         return _json(
             request, 400, {"error": "invalid_request", "error_description": description}
@@ -649,10 +702,13 @@ class OIDCRoutes:
             await self._forget_jti(party, token)
             raise
         self.counts["backchannel_ok"] += 1
-        log.info(
+        self.metrics.backchannel_logout("success")
+        _log(request).info(
             "twistauth: back-channel logout from {provider}: {ended} login(s) ended",
             provider=party.name,
             ended=ended,
+            event="backchannel_logout",
+            outcome="success",
         )
         request.setResponseCode(200)
         return b""
@@ -717,7 +773,7 @@ class OIDCRoutes:
             # Never an error page in the provider's iframe; the logout is
             # best effort by definition (the provider may not even load it).
             if not failure.check(TwistauthError):
-                log.failure("twistauth: front-channel logout failed", failure)
+                _log(request).failure("twistauth: front-channel logout failed", failure)
             return html_page(request, 200, "Signed out", "")
 
         return d.addErrback(failed)
@@ -762,8 +818,8 @@ class OIDCRoutes:
         if failure.check(TwistauthError):
             error: TwistauthError = failure.value
             return _json(request, error.status, {"error": error.to_json()})
-        cid = secrets.token_hex(8)
-        log.failure("twistauth: logout failed (correlation id {cid})", failure, cid=cid)
+        cid = _correlation_id(request)
+        _log(request).failure("twistauth: logout failed (correlation id {cid})", failure, cid=cid)
         return _json(request, 500, {"error": {"code": 50000, "name": "internal_error",
                                               "value": {"correlation_id": cid}}})
 
@@ -798,6 +854,9 @@ class OIDCRoutes:
         await scope.log_out()
         await self.access.commit(request, scope, carrier)
         self.counts["logouts"] += 1
+        _log(request).info(
+            "twistauth: {user_id} logged out", user_id=user_id, event="logout", kind="oidc"
+        )
         self._publish(reason="logout", session_id=session_id)
         party = self._party_of(user_id, issuer)
         if party is None:
@@ -811,8 +870,8 @@ class OIDCRoutes:
         try:
             redirect = await party.end_session_url(id_token=hint)
         except IdentityError as e:
-            log.warn("twistauth: no end-session redirect for {provider}: {reason}",
-                     provider=party.name, reason=str(e))
+            _log(request).warn("twistauth: no end-session redirect for {provider}: {reason}",
+                               provider=party.name, reason=str(e))
             redirect = None
         if redirect is None:
             return self._landing(request)

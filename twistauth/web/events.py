@@ -53,6 +53,7 @@ from twistauth.errors import (
     MethodNotAllowedError,
     TwistauthError,
 )
+from twistauth.observe import bind_request_id, request_id_of
 from twistauth.web.envelope import render_error
 
 log = Logger()
@@ -211,7 +212,9 @@ class _Call:
         if isinstance(failure.value, TwistauthError):
             self.fail(failure.value)
             return
-        log.failure("resolving a session for a logout wait failed", failure)
+        bind_request_id(log, request_id_of(self.request)).failure(
+            "resolving a session for a logout wait failed", failure
+        )
         self.fail(InternalError())
 
     def fail(self, error: TwistauthError) -> None:
