@@ -30,7 +30,9 @@ setup(
         "twisted>=23.10",
         "klein>=23.5",
         "treq>=23.11",
-        "txredisapi>=1.4.10",
+        # 1.6: RedisFactory.startConnecting and its pool slots, which
+        # twistauth._redislink builds on (Sentinel, fail-fast, AUTH retry).
+        "txredisapi>=1.6",
         "attrs>=22.2",
         "zope.interface>=5",
         "msgpack>=1.0",

@@ -4,6 +4,14 @@
 -- is "Name: value".  BODY "-" sends no body.  At the end it prints one line
 -- "BENCH-JSON {...}" with exact counts and latency percentiles (in
 -- microseconds) for the harness to read.
+--
+-- A HEADER "follow: Name" (for header-mode sessions) sends, from then on,
+-- the value of the response header Name whenever an answer carries a new
+-- one, as a real client keeps the newest session token: the request is
+-- built again only when the value changes.
+
+local follow = nil
+local built = nil
 
 init = function(args)
   wrk.method = args[1] or "GET"
@@ -12,8 +20,23 @@ init = function(args)
   end
   for i = 3, #args do
     local name, value = string.match(args[i], "^([^:]+):%s*(.*)$")
-    if name then
+    if name == "follow" then
+      follow = value
+    elseif name then
       wrk.headers[name] = value
+    end
+  end
+  if follow then
+    built = wrk.format()
+    request = function()
+      return built
+    end
+    response = function(status, headers, body)
+      local value = headers[follow]
+      if value and value ~= "" and value ~= wrk.headers[follow] then
+        wrk.headers[follow] = value
+        built = wrk.format()
+      end
     end
   end
 end

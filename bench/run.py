@@ -6,6 +6,8 @@ twistauth's benchmark harness: one command.
     python3 bench/run.py --quick         # a sanity run (~40 s)
     python3 bench/run.py --servers twistauth,twisted-web-tuned --reps 7
     python3 bench/run.py --python pypy3  # every server under PyPy
+    python3 bench/run.py --compare-pypy  # CPython and PyPy, interleaved, side by side
+    python3 bench/run.py --scenario workers  # 1 and 2 worker processes
     python3 bench/run.py --profile twistauth [--profiler cprofile]
     python3 bench/run.py --list
 
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -32,9 +36,10 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import report  # noqa: E402
+from benchlib import compare, report  # noqa: E402
 from benchlib.harness import (  # noqa: E402
     BENCH,
+    REPO,
     BenchError,
     Context,
     Plan,
@@ -68,6 +73,18 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
         default=sys.executable,
         help="the interpreter the servers run under (this one; e.g. pypy3)",
     )
+    p.add_argument(
+        "--pythons",
+        metavar="A,B",
+        help="run every server under each of these interpreters, interleaved in the same "
+        "rounds, and print them side by side (the first is the reference; 'pypy' names "
+        ".venv-pypy/bin/python if present, else pypy3)",
+    )
+    p.add_argument(
+        "--compare-pypy",
+        action="store_true",
+        help="the same as --pythons PYTHON,pypy (PYTHON: --python)",
+    )
     p.add_argument("--server-core", type=int, default=0, help="CPU of the servers (0)")
     p.add_argument("--client-core", type=int, default=1, help="CPU of wrk (1)")
     p.add_argument(
@@ -95,25 +112,60 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+PYPY_VENV = REPO / ".venv-pypy" / "bin" / "python"
+
+
 def interpreter(python: str) -> str:
+    """
+    The interpreter's absolute path (servers run in a temporary directory).
+    ``pypy`` names ``.venv-pypy/bin/python`` (``bash tests/pypy.sh`` or
+    ``bash bench/setup.sh --pypy`` make it), else ``pypy3``.
+    """
+    if python == "pypy":
+        python = str(PYPY_VENV) if os.access(PYPY_VENV, os.X_OK) else "pypy3"
     found = shutil.which(python)
     if found is None:
         raise BenchError(
             f"no interpreter {python!r}"
-            + (" (apt-get install pypy3, then install twisted, klein ... for it)"
-               if "pypy" in python else "")
+            + (" (bash bench/setup.sh --pypy makes .venv-pypy)" if "pypy" in python else "")
         )
-    return found
+    return os.path.abspath(found)
 
 
-def is_pypy(python: str) -> bool:
+def implementation(python: str) -> str:
     done = subprocess.run(  # noqa: S603
         [python, "-c", "import platform; print(platform.python_implementation())"],
         capture_output=True,
         text=True,
         check=False,
     )
-    return done.stdout.strip() == "PyPy"
+    return done.stdout.strip()
+
+
+def is_pypy(python: str) -> bool:
+    return implementation(python) == "PyPy"
+
+
+def interpreters(options: argparse.Namespace) -> List[compare.Interpreter]:
+    """
+    The interpreters of ``--pythons`` / ``--compare-pypy`` (none without them).
+    """
+    names: List[str] = []
+    if options.pythons:
+        names = [n.strip() for n in options.pythons.split(",") if n.strip()]
+    elif options.compare_pypy:
+        names = [options.python, "pypy"]
+    if not names:
+        return []
+    if len(names) < 2:
+        raise BenchError("--pythons needs at least two interpreters")
+    paths = [interpreter(n) for n in names]
+    kinds = [implementation(p) for p in paths]
+    tags = compare.tags_for(kinds)
+    return [
+        compare.Interpreter(tag=t, path=p, pypy=k == "PyPy", warmup=plan_from(options, k == "PyPy").warmup)
+        for t, p, k in zip(tags, paths, kinds)
+    ]
 
 
 def plan_from(options: argparse.Namespace, pypy: bool) -> Plan:
@@ -152,9 +204,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         scenario = SCENARIOS[saved["scenario"]](options)
         print(report.render(scenario, saved["summary"], saved["machine"], saved["plan"],
                             rst=options.rst, when=saved["started"]))
+        if saved.get("pythons"):
+            print()
+            print(compare.side_by_side(saved["summary"], [t for t, _ in saved["pythons"]],
+                                       rst=options.rst))
         return 0
     require_tools("wrk", "taskset")
-    python = interpreter(options.python)
+    several = [] if options.profile else interpreters(options)
+    python = several[0].path if several else interpreter(options.python)
     pypy = is_pypy(python)
     plan = plan_from(options, pypy)
     specs: List[ServerSpec] = [s for s in scenario.servers if s.default or options.all]
@@ -163,6 +220,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         specs = [scenario.server(n) for n in wanted]
         if scenario.floor not in wanted and not options.profile:
             specs.insert(0, scenario.server(scenario.floor))
+    if several:
+        scenario = compare.expand(scenario, several)
+        specs = [scenario.server(compare.tagged(s.name, i.tag)) for s in specs for i in several]
     with tempfile.TemporaryDirectory(prefix="twistauth-bench-") as tmp:
         context = Context(
             python=python,
@@ -172,6 +232,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             client_core=options.client_core,
             nice=options.nice,
         )
+        if pypy or any(i.pypy for i in several):
+            # What the issue measured: PyPy's default nursery let a loaded
+            # server's memory grow on these VMs; CPython ignores it.
+            context.env["PYPY_GC_NURSERY"] = os.environ.get("PYPY_GC_NURSERY") or "4MB"
         setup = scenario.setup(context) if scenario.setup else None
         with setup if setup is not None else contextlib.nullcontext():
             if options.profile:
@@ -183,21 +247,30 @@ def main(argv: Optional[List[str]] = None) -> int:
                 return 0
             skipped: Dict[str, str] = {}
             for spec in list(specs):
-                why = missing_modules(python, spec.modules, context)
+                why = missing_modules(spec.python or python, spec.modules, context)
                 if why is not None:
                     skipped[spec.name] = why
                     specs.remove(spec)
                     log(f"skipping {spec.name}: {why}")
             if scenario.floor in skipped:
                 raise BenchError(f"the floor {scenario.floor} cannot run: {skipped[scenario.floor]}")
-            estimate = len(specs) * (plan.warmup + plan.settle) + len(specs) * plan.reps * (
+            warmups = [plan.warmup if s.warmup is None else s.warmup for s in specs]
+            estimate = sum(warmups) + len(specs) * plan.settle + len(specs) * plan.reps * (
                 plan.duration + plan.settle
             )
             log(
                 f"{scenario.title}: {len(specs)} servers, {plan.reps} rounds of "
-                f"{plan.duration:g} s, warm-up {plan.warmup:g} s: about {estimate / 60:.1f} min"
+                f"{plan.duration:g} s, warm-up {'/'.join(f'{w:g}' for w in sorted(set(warmups)))}"
+                f" s: about {estimate / 60:.1f} min"
             )
             info = report.machine(context)
+            if several:
+                info["pythons"] = {
+                    i.tag: report.machine(dataclasses.replace(context, python=i.path))["versions"]
+                    for i in several
+                }
+                if context.env.get("PYPY_GC_NURSERY"):
+                    info["env"] = {"PYPY_GC_NURSERY": context.env["PYPY_GC_NURSERY"]}
             started_at = time.time()
             measured = run_scenario(scenario, specs, context, plan)
             skipped.update(measured["failed"])
@@ -212,11 +285,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         "noise_limit": plan.noise_limit,
         "retries_used": measured["retries"],
     }
+    if several:
+        plan_doc["warmup_by_python"] = {i.tag: i.warmup for i in several}
     print(report.render(scenario, summary, info, plan_doc, rst=options.rst))
+    if several:
+        print()
+        print(compare.side_by_side(summary, [i.tag for i in several], rst=options.rst))
+        for i in several:
+            print(compare.versions_line(i.tag, info["pythons"].get(i.tag, {})) + f" ({i.path})")
+        if info.get("env"):
+            print("servers ran with " + ", ".join(f"{k}={v}" for k, v in info["env"].items()))
     if not options.no_save:
+        suffix = "-" + "-".join(i.tag for i in several) if several else ("-pypy" if pypy else "")
         path = report.write_json(
             options.results,
-            scenario.name + ("-pypy" if pypy else ""),
+            scenario.name + suffix,
             {
                 "scenario": scenario.name,
                 "title": scenario.title,
@@ -228,6 +311,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "summary": summary,
                 "samples": measured["samples"],
                 "warmup": measured["warmup"],
+                **({"pythons": [[i.tag, i.path] for i in several]} if several else {}),
             },
         )
         print(f"results: {path}")

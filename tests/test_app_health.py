@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 import timeit
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Dict, List
 
+import pytest
 import pytest_twisted
 import treq
 from conftest import RedisServer
@@ -51,7 +53,7 @@ from twistauth.metrics import (
     forget_process,
 )
 from twistauth.observe import RequestIds
-from twistauth.operations import method_metrics_hook
+from twistauth.operations import check_deadline, method_metrics_hook
 from twistauth.tap import Options, makeService
 from twistauth.web.root import RootResource
 from twistauth.workers import METRICS_DIR_ENV, MetricsDirectory
@@ -312,6 +314,99 @@ async def test_readiness_when_redis_refuses_our_password() -> None:
             await stop()
     finally:
         server.cleanup()
+
+
+@pytest_twisted.ensureDeferred
+async def test_readiness_on_a_hung_redis() -> None:
+    """
+    Redis hung (SIGSTOP) with ``readiness_timeout`` equal to
+    ``redis_timeout``: the ``redis`` check's deadline is a little longer
+    than its PING's (`check_deadline`), so the probe's own deadline fires
+    first: ``/readyz`` says ``redis_timeout`` (not a bare ``timeout``), the
+    stalled connection is dropped (only the probe does that), and it is
+    counted as a Redis error.  SIGCONT: ready again.
+    """
+    server = RedisServer()
+    server.start()
+    assert server.process is not None
+    try:
+        app = _redis_app(server.url)  # readiness_timeout = redis_timeout = 0.5
+        stop = start_background(app)
+        base, port = _serve(app)
+        try:
+            await _until_ready(base, True)
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                with captured_events() as events:
+                    code, body, took = await _readyz(base)
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            assert code == 503, body
+            assert body["checks"]["redis"]["error"] == "redis_timeout", body
+            assert took < check_deadline(0.5) + 0.3, took
+            logged = "\n".join(formatEvent(e) for e in events)
+            assert "no answer to PING within 0.5 s; dropping the connection" in logged, logged
+            errors = _redis_errors(app.metrics.render()[0].decode())
+            assert errors.get("timeout", 0) >= 1, errors
+            await _until_ready(base, True)
+        finally:
+            await port.stopListening()
+            await stop()
+    finally:
+        server.cleanup()
+
+
+def test_check_deadline() -> None:
+    assert check_deadline(0.5) == pytest.approx(0.55)
+    assert check_deadline(0.1) == pytest.approx(0.15)
+    assert check_deadline(2.0) == pytest.approx(2.2)
+    assert check_deadline(30.0) == pytest.approx(30.5)
+
+
+def _redis_errors(text: str) -> Dict[str, float]:
+    """
+    ``twistauth_redis_errors_total`` of a scrape, by kind.
+    """
+    return {
+        dict(labels)["kind"]: value
+        for (name, labels), value in metric_samples(text).items()
+        if name == "twistauth_redis_errors_total"
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_redis_calls_are_counted(redis_server: RedisServer) -> None:
+    """
+    ``redis_errors_total`` counts every Redis call that fails, not only the
+    readiness probes: session calls while Redis is stopped each add one
+    (``unavailable``), in the app that made them and no other.
+    """
+    app = _redis_app(redis_server.url)
+    other = _redis_app(redis_server.url)  # another app on the same Redis
+    stops = [start_background(app), start_background(other)]
+    base, port = _serve(app)
+    try:
+        await _until_ready(base, True)
+        response, answer = await _post(base, "account.create", user_id="erin", password=PASSWORD)
+        assert "result" in answer, answer
+        token = response.headers.getRawHeaders("x-twistauth-session")[0]
+        scrape = await treq.get(base + "/metrics", timeout=10)
+        assert _redis_errors((await scrape.content()).decode()) == {}
+        redis_server.stop()
+        statuses = []
+        for _ in range(5):
+            response, answer = await _post(base, "session.info", token)
+            statuses.append((response.code, answer["error"]["name"]))
+        assert statuses == [(503, "session_store_unavailable")] * 5, statuses
+        scrape = await treq.get(base + "/metrics", timeout=10)
+        errors = _redis_errors((await scrape.content()).decode())
+        assert set(errors) == {"unavailable"} and errors["unavailable"] >= 5, errors
+        assert _redis_errors(other.metrics.render()[0].decode()) == {}
+        redis_server.start()
+    finally:
+        await port.stopListening()
+        for stop in stops:
+            await stop()
 
 
 # ---------------------------------------------------------------------------

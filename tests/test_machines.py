@@ -50,6 +50,13 @@ from test_workers_processes import (
 FIRST_PASSWORD = "first/Pa55word"
 SECOND_PASSWORD = "second/Pa55word"
 REDIS_TIMEOUT = 0.5
+#: An HTTP call that did not wait for Redis: far below REDIS_TIMEOUT, with
+#: room for a loaded 2-core machine (typically 1 to 15 ms).  The median of a
+#: series must be below it, and every call below twice it.
+AT_ONCE = 0.1
+#: The most seconds between a connection's attempts (the default
+#: max_retry_delay, 5 s, plus its jitter).
+MAX_RETRY = 5.0 * 1.2
 
 
 class Machines:
@@ -72,6 +79,23 @@ class Machines:
 
     def log(self) -> str:
         return "\n".join(server.log() for server, _ in self.servers)
+
+    def wait_ready(self) -> None:
+        """
+        Wait until both servers are ready (each test starts from a healthy
+        deployment, whatever the one before left).
+        """
+        for _, port in self.servers:
+            wait_until(lambda port=port: get(port, "/readyz")[0] == 200, timeout=2 * MAX_RETRY + 5,
+                       what="/readyz green before the test")
+
+
+def at_once(timings: List[float]) -> bool:
+    """
+    Whether a series of calls all answered without waiting for Redis.
+    """
+    ordered = sorted(timings)
+    return ordered[len(ordered) // 2] < AT_ONCE and ordered[-1] < 2 * AT_ONCE
 
 
 def get(port: int, path: str, timeout: float = 10.0) -> Tuple[int, Any, float]:
@@ -132,6 +156,7 @@ def test_session_and_logout_across_machines(machines: Machines) -> None:
     is valid on the other; a logout through the first wakes a
     ``/logout/wait`` pending on the second within a second.
     """
+    machines.wait_ready()
     a, b = machines.clients
     assert a.pid() != b.pid()
     answer, token = a.call("account.create", {"user_id": "alice", "password": PASSWORD})
@@ -168,8 +193,10 @@ def test_hung_redis_across_machines(machines: Machines) -> None:
     one within the connect deadline, calls answer 503 at once.  SIGCONT:
     both recover with the session intact.
     """
+    machines.wait_ready()
     a, b = machines.clients
-    _, token = a.call("account.create", {"user_id": "carol", "password": PASSWORD})
+    answer, token = a.call("account.create", {"user_id": "carol", "password": PASSWORD})
+    assert answer.get("result", {}).get("user_id") == "carol", answer
     assert b.call("session.info", token=token)[0]["result"]["user_id"] == "carol"
     mark = [server.mark() for server, _ in machines.servers]
     assert machines.redis.process is not None
@@ -192,12 +219,12 @@ def test_hung_redis_across_machines(machines: Machines) -> None:
                 answer, took = session_info_timed(client, token)
                 assert answer["error"]["code"] == 50335, answer
                 assert took < REDIS_TIMEOUT + 0.5, took
-                if took < 0.05:
+                if took < AT_ONCE:
                     break
                 assert time.monotonic() - stopped < 12, "calls never failed fast"
             fast_after.append(time.monotonic() - stopped)
         timings = [session_info_timed(client, token)[1] for client in (a, b) for _ in range(10)]
-        assert max(timings) < 0.05, timings
+        assert at_once(timings), timings
     finally:
         os.kill(machines.redis.process.pid, signal.SIGCONT)
     resumed = time.monotonic()
@@ -225,8 +252,10 @@ def test_changed_password_across_machines(machines: Machines) -> None:
     the password is put back, both recover within the retry delay with the
     session intact, and a cross-server logout wakes a waiter again.
     """
+    machines.wait_ready()
     a, b = machines.clients
-    _, token = a.call("account.create", {"user_id": "dave", "password": PASSWORD})
+    answer, token = a.call("account.create", {"user_id": "dave", "password": PASSWORD})
+    assert answer.get("result", {}).get("user_id") == "dave", answer
     assert b.call("session.info", token=token)[0]["result"]["user_id"] == "dave"
     for _, port in machines.servers:
         status, body, _ = get(port, "/readyz")
@@ -241,11 +270,11 @@ def test_changed_password_across_machines(machines: Machines) -> None:
         while True:  # the first call may meet the connection Redis closed
             answer, took = session_info_timed(client, token)
             assert answer["error"]["code"] == 50335, answer
-            if took < 0.05:
+            if took < AT_ONCE:
                 break
             assert time.monotonic() - restarted < 5
     timings = [session_info_timed(client, token)[1] for client in (a, b) for _ in range(10)]
-    assert max(timings) < 0.05, timings
+    assert at_once(timings), timings
     for (server, port), start in zip(machines.servers, mark):
         server.wait_for(r"authentication failed: WRONGPASS .*readiness fails", start)
         status, body, took = get(port, "/readyz")
@@ -253,13 +282,15 @@ def test_changed_password_across_machines(machines: Machines) -> None:
         assert took < REDIS_TIMEOUT + 1.0, took
 
         def says_auth_failed(port: int = port) -> bool:
-            # (a connection whose first attempt met Redis still restarting
-            # is "unavailable" until its next attempt, within a second)
+            # (the log line above is the shared connection's, so this holds
+            # at once; the wait covers a connection whose attempts all met
+            # Redis still restarting: "unavailable" until its next attempt,
+            # after up to MAX_RETRY seconds of backoff)
             status, body, _ = get(port, "/readyz")
             assert status == 503, body
             return bool(body["checks"]["redis"]["error"] == "redis_auth_failed")
 
-        wait_until(says_auth_failed, timeout=3.0, what="/readyz to say redis_auth_failed")
+        wait_until(says_auth_failed, timeout=MAX_RETRY + 2, what="/readyz to say redis_auth_failed")
     time.sleep(1.0)  # still trying (txredisapi alone would have given up)
     machines.redis_cli("CONFIG", "SET", "requirepass", FIRST_PASSWORD)
     machines.password = FIRST_PASSWORD
@@ -285,13 +316,20 @@ def test_changed_password_across_machines(machines: Machines) -> None:
 
     for (server, _), start in zip(machines.servers, mark):
         log = "\n".join(server.lines[start:])
-        # One line per connection (the shared one, and the bus's publisher)
-        # when it fails, one when it heals: not one per attempt.
+        # One line when the connection fails (the shared one: the bus
+        # publishes on it too), one when it heals: not one per attempt; the
+        # bus's subscriber says so at most once too, and no attempt leaves
+        # a traceback.
         refused = re.findall(r"twistauth: Redis at \S+: authentication failed: WRONGPASS", log)
         healed = re.findall(
             r"twistauth: Redis at \S+: connected again after .* \(was auth_failed\)", log
         )
-        assert 1 <= len(refused) == len(healed), log
+        assert len(refused) == len(healed) == 1, log
+        subscriber = re.findall(
+            r"the bus subscriber cannot subscribe at \S+: authentication failed: WRONGPASS", log
+        )
+        assert len(subscriber) <= 1, log
+        assert "Traceback" not in log and "NoTransition" not in log, log
         assert "ended unexpectedly" not in log
     everything = machines.log()
     for secret in (FIRST_PASSWORD, SECOND_PASSWORD, quote(FIRST_PASSWORD, safe=""),

@@ -28,6 +28,7 @@ servers on loopback:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -41,7 +42,7 @@ import pytest
 import pytest_twisted
 from conftest import RedisServer
 from test_sessions_support import capture_logs
-from twisted.internet import protocol, reactor, task
+from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -58,20 +59,50 @@ def sleep(seconds: float) -> Any:
     return task.deferLater(reactor, seconds, lambda: None)
 
 
+#: A call that fails "at once": far below the 0.3 s connect deadline these
+#: tests use (a call that waited for a connection attempt takes at least
+#: that) and below every call deadline, with room for a loaded machine.
+AT_ONCE = 0.1
+
+#: How late a deadline's timer may fire on a loaded 2-core machine.
+TIMER_SLACK = 0.5
+
+
+def _runqueue_wait() -> float:
+    """
+    Seconds this thread has spent runnable but waiting for a CPU (Linux
+    ``schedstat``), or 0 where that is not known.
+    """
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 class Lag:
     """
     How late a 10 ms LoopingCall runs: the reactor's responsiveness.
+
+    ``worst`` leaves out the time the process waited for a CPU (other
+    processes of a loaded machine had it): what is left is the reactor
+    being blocked or busy, which is what the tests rule out.  ``raw`` is
+    the wall-clock worst.
     """
 
     def __init__(self) -> None:
         self.worst = 0.0
+        self.raw = 0.0
         self.last = time.monotonic()
+        self.waited = _runqueue_wait()
         self.loop = task.LoopingCall(self.tick)
 
     def tick(self) -> None:
-        now = time.monotonic()
-        self.worst = max(self.worst, now - self.last - 0.01)
-        self.last = now
+        now, waited = time.monotonic(), _runqueue_wait()
+        late = now - self.last - 0.01
+        self.raw = max(self.raw, late)
+        self.worst = max(self.worst, late - (waited - self.waited))
+        self.last, self.waited = now, waited
 
     def __enter__(self) -> Lag:
         self.loop.start(0.01)
@@ -248,6 +279,8 @@ async def test_no_answer_fails_within_connect_deadline(
     never even completes TCP (SYN dropped) fails the calls waiting for it
     at the connect deadline (0.3 s, not the call's own 2 s), every later
     call at once, and the probe says why; the reactor never stalls.
+    (The bounds leave room for a loaded machine: `AT_ONCE`, `TIMER_SLACK`,
+    and `Lag` discounts the time the process waited for a CPU.)
     """
     port = request.getfixturevalue(f"{kind}_port")
     with capture_logs() as lines, Lag() as lag:
@@ -257,11 +290,12 @@ async def test_no_answer_fails_within_connect_deadline(
         try:
             outcome, first = await timed_call(connection, 2.0, "GET", "k")
             assert outcome == "503"
-            assert 0.25 < first < 0.6, first
+            # At the connect deadline, well before the call's own 2 s.
+            assert 0.25 < first < 0.3 + TIMER_SLACK, first
             later = [await timed_call(connection, 2.0, "GET", "k") for _ in range(20)]
             assert all(o == "503" for o, _ in later)
             worst = max(t for _, t in later)
-            assert worst < 0.05, worst
+            assert worst < AT_ONCE, worst
             health = redisconn.health(connection)
             assert health.state == "unavailable" and health.fails_fast
             expected = (
@@ -300,14 +334,14 @@ async def test_hung_redis(private_redis: RedisServer) -> None:
         os.kill(private_redis.process.pid, signal.SIGSTOP)
         with Lag() as lag:
             outcome, took = await timed_call(connection, 0.3, "GET", "k")
-            assert outcome == "503" and 0.25 < took < 0.5, (outcome, took)
+            assert outcome == "503" and 0.25 < took < 0.3 + TIMER_SLACK, (outcome, took)
             error = await probe_error(connection, 0.3)
             assert error.name == "redis_timeout", error
             # The dropped connection is made again: TCP connects, the
             # handshake gets no answer within the connect deadline.
             detected = await until_state(connection, "unavailable", 2.0)
             fast = [await timed_call(connection, 0.3, "GET", "k") for _ in range(10)]
-        assert all(o == "503" and t < 0.05 for o, t in fast), fast
+        assert all(o == "503" and t < AT_ONCE for o, t in fast), fast
         assert lag.worst < 0.1, lag.worst
         assert "no answer within 0.3 s" in (redisconn.health(connection).reason or "")
         os.kill(private_redis.process.pid, signal.SIGCONT)
@@ -340,8 +374,8 @@ async def test_reply_watchdog(private_redis: RedisServer) -> None:
         with capture_logs() as lines:
             while True:
                 outcome, took = await timed_call(connection, 0.3, "GET", "k")
-                assert outcome == "503" and took < 0.4, (outcome, took)
-                if took < 0.05:
+                assert outcome == "503" and took < 0.3 + TIMER_SLACK, (outcome, took)
+                if took < AT_ONCE:
                     break
                 assert time.monotonic() - stopped < 3.0, "calls never failed fast"
             fast = time.monotonic() - stopped
@@ -482,13 +516,13 @@ async def test_blackholed_redis(blackhole: Blackhole) -> None:
         blackhole.drop()
         with Lag() as lag, capture_logs() as lines:
             outcome, took = await timed_call(connection, 0.3, "GET", "k")
-            assert outcome == "503" and 0.25 < took < 0.5, (outcome, took)
+            assert outcome == "503" and 0.25 < took < 0.3 + TIMER_SLACK, (outcome, took)
             error = await probe_error(connection, 0.3)
             assert error.name == "redis_timeout", error
             detected = await until_state(connection, "unavailable", 2.0)
             assert "no connection within 0.3 s" in (redisconn.health(connection).reason or "")
             fast = [await timed_call(connection, 0.3, "GET", "k") for _ in range(10)]
-            assert all(o == "503" and t < 0.05 for o, t in fast), fast
+            assert all(o == "503" and t < AT_ONCE for o, t in fast), fast
             error = await probe_error(connection, 0.3)
             assert error.name == "redis_unavailable"
         assert lag.worst < 0.1, lag.worst
@@ -543,6 +577,8 @@ async def test_changed_password(auth_redis: RedisServer) -> None:
     connection = redisconn.connect(url, connect_timeout=0.5, max_retry_delay=0.5)
     cache = RedisSessionCache(redis=connection, clock=reactor, call_timeout=2.0)
     seen: List[str] = []
+    kinds: List[str] = []
+    redisconn.set_error_listener(connection, kinds.append)
     try:
         session = await cache.create()
         session.log_in("ann", [], now=reactor.seconds(), issuer="https://op", provider_sid="s")
@@ -570,7 +606,7 @@ async def test_changed_password(auth_redis: RedisServer) -> None:
                         await cache.load(token)
                     timings.append(time.monotonic() - started)
                     seen.append(str(caught.value))
-                assert max(timings) < 0.05, timings
+                assert max(timings) < AT_ONCE, timings
                 error = await probe_error(connection)
                 assert error.name == "redis_auth_failed"
                 assert "authentication failed" in str(error)
@@ -595,6 +631,8 @@ async def test_changed_password(auth_redis: RedisServer) -> None:
                       "the password was put back")
     finally:
         await redisconn.disconnect(connection)
+    # The error listener heard the calls refused for the password.
+    assert kinds.count("auth_failed") >= 20, kinds
     text = "\n".join(lines + seen)
     assert text.count("rejected") == 0  # the wording is "authentication failed"
     assert text.count("authentication failed: WRONGPASS") >= 2
@@ -638,6 +676,81 @@ async def test_password_never_logged_even_if_echoed() -> None:
     assert "hunter2" not in text
 
 
+def connections_received(server: RedisServer) -> int:
+    done = subprocess.run(
+        ["redis-cli", "-p", str(server.port), "-a", server.password or "", "--no-auth-warning",
+         "INFO", "stats"],
+        check=True, capture_output=True, text=True,
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith("total_connections_received:"):
+            return int(line.split(":", 1)[1])
+    raise AssertionError("no total_connections_received in INFO stats")
+
+
+@pytest_twisted.ensureDeferred
+async def test_bus_subscriber_with_a_refused_password(auth_redis: RedisServer) -> None:
+    """
+    R3 for the bus's pub/sub connection: Redis refuses its password.  The
+    subscriber keeps trying with backoff, logs the refusal once (no
+    traceback per attempt, no password), and once the password matches
+    again (CONFIG SET) it subscribes and delivers messages.
+    """
+    from twistauth.bus.redis_bus import RedisBus
+
+    set_password(auth_redis, SECOND_PASSWORD)
+    url = f"redis://:{quote(FIRST_PASSWORD)}@127.0.0.1:{auth_redis.port}/0"
+    redacted = f"redis://:***@127.0.0.1:{auth_redis.port}/0"
+    key = bytes(range(32))
+    options: Any = dict(
+        key=key, reactor=reactor, connect_timeout=0.5, command_timeout=0.5,
+        min_retry_delay=0.05, max_retry_delay=0.3,
+    )
+    bus = RedisBus(url=url, **options)
+    other = RedisBus(url=url, **options)
+    with capture_logs() as lines:
+        subscribed = bus.start()
+        other_subscribed = other.start()
+        before = connections_received(auth_redis)
+        await sleep(1.5)
+        attempts = connections_received(auth_redis) - before
+        assert not subscribed.called and bus.stats()["connected"] == 0
+        set_password(auth_redis, FIRST_PASSWORD)
+        put_back = time.monotonic()
+        subscribed.addTimeout(5.0, reactor)
+        await subscribed
+        healed = time.monotonic() - put_back
+        try:
+            await other_subscribed
+            await until_state(other._connection, "connected", 5.0)
+            waiting = bus.wait_for_key("logout:user:1", timeout=5)
+            await other.notify_all("logout:user:1", {"reason": "logout"})
+            assert await waiting == {"reason": "logout"}
+            assert bus.stats()["received"] == 1
+        finally:
+            await bus.stop()
+            await other.stop()
+    # Two buses, each a publisher and a subscriber: attempts went on.
+    assert attempts >= 6, attempts
+    assert healed < 1.0, healed
+    text = "\n".join(lines)
+    assert "NoTransition" not in text and "log_failure" not in text, text
+    formatted = [line for line in lines if not line.startswith("{")]  # (not the reprs)
+    refusals = [
+        found.group(1)
+        for found in map(re.compile(r"^the bus subscriber cannot subscribe at \S+: (.*); ").match,
+                         formatted)
+        if found
+    ]
+    assert len(refusals) == 2, refusals  # once per subscriber, not once per attempt
+    assert all(r.startswith("authentication failed: WRONGPASS") for r in refusals), refusals
+    assert formatted.count(f"the bus subscriber is subscribed again at {redacted}") == 2
+    for secret in (FIRST_PASSWORD, SECOND_PASSWORD, quote(FIRST_PASSWORD)):
+        assert secret not in text
+    print(f"\nbus subscriber, password refused: {attempts} connections in 1.5 s (two buses), "
+          f"one log line each; subscribed {healed:.2f} s after the password was put back")
+
+
 # -- Redis stopped: fail fast ------------------------------------------------
 
 
@@ -658,8 +771,8 @@ async def test_stopped_redis_fails_fast(private_redis: RedisServer) -> None:
             # The first call meets the lost connection; the immediate
             # reconnection attempt is refused within milliseconds.
             outcome, first = await timed_call(connection, 2.0, "GET", "k")
-            assert outcome == "503" and first < 0.2, (outcome, first)
-            await until_state(connection, "unavailable", 0.2)
+            assert outcome == "503" and first < 0.2 + TIMER_SLACK, (outcome, first)
+            await until_state(connection, "unavailable", 1.0)
             timings = []
             for _ in range(50):
                 outcome, took = await timed_call(connection, 2.0, "GET", "k")
@@ -667,8 +780,8 @@ async def test_stopped_redis_fails_fast(private_redis: RedisServer) -> None:
                 timings.append(took)
             await sleep(3.0)  # reconnection goes on in the background
             later = [await timed_call(connection, 2.0, "GET", "k") for _ in range(10)]
-        assert max(timings) < 0.05, max(timings)
-        assert all(o == "503" and t < 0.05 for o, t in later), later
+        assert max(timings) < AT_ONCE, max(timings)
+        assert all(o == "503" and t < AT_ONCE for o, t in later), later
         assert lag.worst < 0.1, lag.worst
         error = await probe_error(connection)
         assert error.name == "redis_unavailable" and "connection refused" in str(error)
@@ -681,7 +794,60 @@ async def test_stopped_redis_fails_fast(private_redis: RedisServer) -> None:
     print(f"\nRedis stopped: first 503 after {first * 1000:.1f} ms, median "
           f"{timings[len(timings) // 2] * 1000:.2f} ms, worst {timings[-1] * 1000:.2f} ms "
           f"(deadline 2 s; before fail-fast every call took the full 2 s); first success "
-          f"{recovered:.2f} s after the restart; worst reactor lag {lag.worst * 1000:.1f} ms")
+          f"{recovered:.2f} s after the restart; worst reactor lag {lag.worst * 1000:.1f} ms "
+          f"({lag.raw * 1000:.1f} ms wall clock)")
+
+
+@pytest_twisted.ensureDeferred
+async def test_error_listener(private_redis: RedisServer) -> None:
+    """
+    `redisconn.set_error_listener`: every failed `redisconn.call` on the
+    connection is reported by kind (a cancelled one is not), and only on
+    that connection.
+    """
+    connection = redisconn.connect(private_redis.url, connect_timeout=0.3, max_retry_delay=0.5)
+    other = redisconn.connect(private_redis.url, connect_timeout=0.3, max_retry_delay=0.5)
+    kinds: List[str] = []
+    others: List[str] = []
+    redisconn.set_error_listener(connection, kinds.append)
+    redisconn.set_error_listener(other, others.append)
+    try:
+        assert (await timed_call(connection, 1.0, "SET", "k", "v"))[0] == "ok"
+        assert (await timed_call(other, 1.0, "GET", "k"))[0] == "ok"
+        with pytest.raises(Exception, match="WRONGTYPE"):
+            await redisconn.call(reactor, 1.0, connection.lpush, "k", "x")
+        assert kinds == ["error"]
+        cancelled = redisconn.call(reactor, 1.0, connection.get, "k")
+        cancelled.cancel()
+        with pytest.raises(defer.CancelledError):
+            await cancelled
+        assert private_redis.process is not None
+        os.kill(private_redis.process.pid, signal.SIGSTOP)
+        try:
+            assert (await timed_call(connection, 0.3, "GET", "k"))[0] == "503"
+        finally:
+            os.kill(private_redis.process.pid, signal.SIGCONT)
+        assert kinds == ["error", "timeout"]
+        await until_ok(connection, 3.0, "GET", "k")
+        private_redis.stop()
+        await until_state(connection, "unavailable", 2.0)
+        heard = len(kinds)
+        assert (await timed_call(connection, 1.0, "GET", "k"))[0] == "503"
+        assert kinds[heard:] == ["unavailable"], kinds
+        redisconn.set_error_listener(connection, None)
+        heard = len(kinds)
+        assert (await timed_call(connection, 1.0, "GET", "k"))[0] == "503"
+        assert len(kinds) == heard
+        await redisconn.disconnect(connection)
+        redisconn.set_error_listener(connection, kinds.append)
+        assert (await timed_call(connection, 1.0, "GET", "k"))[0] == "503"
+        assert kinds[-1] == "closed"
+        assert others == []  # its own listener heard nothing: no call failed on it
+    finally:
+        await redisconn.disconnect(connection)
+        await redisconn.disconnect(other)
+    with pytest.raises(TypeError):
+        redisconn.set_error_listener(object(), kinds.append)
 
 
 @pytest_twisted.ensureDeferred

@@ -16,6 +16,11 @@ Sentinel (``redis-server --sentinel``) on free loopback ports, watched with
   the connection follows Sentinel's events, so writes answer 503 during
   the failover (about a second), none acknowledged is lost, and they then
   land on the new master.
+- The bus on ``redis-sentinel://`` (two apps, as two machines would be):
+  a logout through one wakes a ``/logout/wait`` on the other over pub/sub,
+  before and after the master is killed or failed over; both subscribers
+  move to the new master (and leave the old one, though it is still a
+  master), and no session is lost.
 
 ``tests/test_redisconn.py`` covers finding the master through Sentinel
 without a failover.
@@ -23,6 +28,7 @@ without a failover.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -34,6 +40,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 import pytest_twisted
+import treq
 import txredisapi
 from conftest import RedisServer, free_port, wait_for_port
 from test_sessions_support import capture_logs
@@ -276,11 +283,12 @@ def bus_redis() -> Iterator[RedisServer]:
 async def test_master_killed(cluster: Cluster, bus_redis: RedisServer) -> None:
     """
     The app's sessions and users live behind Sentinel (``session_cache`` and
-    ``user_store`` are ``redis-sentinel://`` URLs; the bus, which needs a
-    ``redis://`` URL today, is on a plain Redis of its own).  Kill the
-    master: until Sentinel has promoted the replica, session calls answer
-    503 (never "not logged in"); then the same session works, a new account
-    is written to the new master, and `redisconn.endpoint` connects there.
+    ``user_store`` are ``redis-sentinel://`` URLs; the bus and the other
+    shared state on a plain Redis of their own, as a deployment may choose).
+    Kill the master: until Sentinel has promoted the replica, session calls
+    answer 503 (never "not logged in"); then the same session works, a new
+    account is written to the new master, and `redisconn.endpoint` connects
+    there.  (`test_bus_follows_the_master` has the bus on Sentinel too.)
     """
     app = make_app(
         clock=reactor,
@@ -405,3 +413,190 @@ async def test_forced_failover(cluster: Cluster) -> None:
     print(f"\nforced failover: Sentinel switched {switched - started:.2f} s after SENTINEL "
           f"FAILOVER; writes answered 503 for {window:.2f} s ({len(refused)} of them); "
           f"{len(written)} acknowledged, {len(lost)} lost")
+
+
+# -- the bus on Sentinel -----------------------------------------------------
+
+
+async def until(predicate: Any, what: str, timeout: float = 10.0) -> float:
+    """
+    Seconds until ``predicate()`` holds, polled every 20 ms on the reactor.
+    """
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        await sleep(0.02)
+    return time.monotonic() - started
+
+
+class Machine:
+    """
+    One app serving on a loopback port, sessions carried in the header.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        for service in app.background:
+            service.startService()
+        self.port = reactor.listenTCP(0, app.site(), interface="127.0.0.1")
+        self.base = f"http://127.0.0.1:{self.port.getHost().port}"
+
+    async def post(self, method: str, token: str = "", **parameters: Any) -> Tuple[int, Any, str]:
+        """
+        ``(status, answer, token)`` of one JSON call.
+        """
+        response = await treq.post(
+            self.base + "/api",
+            json.dumps({"method": method, "parameters": parameters}).encode(),
+            headers={"Content-Type": "application/json", "X-Twistauth-Session": token},
+            timeout=10,
+        )
+        answer = json.loads(await response.content())
+        carried = response.headers.getRawHeaders("x-twistauth-session", [token])[0]
+        return response.code, answer, carried
+
+    async def user_of(self, token: str, limit: float = 15.0) -> Optional[str]:
+        """
+        The session's user, retrying while Redis answers 503 (a failover).
+        """
+        started = time.monotonic()
+        while True:
+            status, answer, _ = await self.post("session.info", token)
+            if status != 503:
+                assert status == 200, answer
+                user: Optional[str] = answer["result"]["user_id"]
+                return user
+            assert time.monotonic() - started < limit, "sessions answered 503 for too long"
+            await sleep(0.05)
+
+    def wait_for_logout(self, token: str) -> Any:
+        return treq.get(
+            self.base + "/logout/wait?timeout=20",
+            headers={"X-Twistauth-Session": token},
+            timeout=30,
+        )
+
+    def watcher(self) -> Dict[str, int]:
+        stats: Dict[str, int] = self.app.logout.watcher.stats()
+        return stats
+
+    async def stop(self) -> None:
+        await self.port.stopListening()
+        for service in reversed(self.app.background):
+            await defer.maybeDeferred(service.stopService)
+
+
+async def logout_wakes(a: Machine, b: Machine, token: str) -> float:
+    """
+    Log ``token`` out through ``a`` while ``b`` has a ``/logout/wait`` on
+    it; the seconds from sending the logout to ``b``'s answer, which must
+    come over the bus (not from a re-check of the session).
+    """
+    before = b.watcher()
+    waiting = b.wait_for_logout(token)
+    await until(lambda: b.watcher()["watches"] == before["watches"] + 1, "the wait on B")
+    sent = time.monotonic()
+    status, answer, _ = await a.post("account.logout", token)
+    assert status == 200 and "result" in answer, answer
+    response = await waiting
+    latency = time.monotonic() - sent
+    assert response.code == 200
+    assert json.loads(await response.content()) == {"logged_out": True, "reason": "logout"}
+    after = b.watcher()
+    assert after["bus"] == before["bus"] + 1, (before, after)
+    assert after["recheck"] == before["recheck"], (before, after)
+    return latency
+
+
+def pattern_subscribers(port: int) -> int:
+    """
+    How many connections to the server at ``port`` are subscribed to a
+    pattern (the buses'; Sentinel's own subscribe to a channel).
+    """
+    clients = cli(port, "CLIENT", "LIST").splitlines()
+    return sum(1 for line in clients if " psub=1 " in f" {line} ")
+
+
+@pytest.mark.parametrize("fault", ["killed", "failover"])
+@pytest_twisted.ensureDeferred
+async def test_bus_follows_the_master(cluster: Cluster, fault: str) -> None:
+    """
+    Two apps (two machines) with everything on ``redis-sentinel://``,
+    the bus included.  A logout through A wakes a ``/logout/wait`` on B
+    over the bus; then the master is killed, or failed over while it stays
+    up (``SENTINEL FAILOVER``: the old master goes on accepting and
+    publishing for about 10 s before Sentinel demotes it, so a subscriber
+    that stayed there would hear nothing published on the new one).  Both
+    subscribers move to the new master, every session made before is still
+    valid on both apps, and a logout through A wakes a wait on B again,
+    over the bus, within a second.
+    """
+    settings = dict(
+        session_cache=cluster.url(3),
+        user_store=cluster.url(3),
+        redis_url=cluster.url(0),
+        redis_timeout=0.5,
+        deployment_key=secrets.token_bytes(32),
+        **CHEAP_ARGON2,
+    )
+    machines: List[Machine] = []
+    try:
+        with capture_logs() as lines:
+            for _ in range(2):
+                machines.append(Machine(make_app(clock=reactor, reactor=reactor, **settings)))
+            a, b = machines
+            buses = [m.app.services.bus for m in machines]
+            await until(lambda: all(bus.stats()["connected"] for bus in buses), "subscribed")
+            assert pattern_subscribers(cluster.master) == 2
+            tokens: Dict[str, str] = {}
+            for user in ("alice", "bob", "carol", "dave"):
+                status, answer, token = await a.post(
+                    "account.create", user_id=user, password=PASSWORD
+                )
+                assert status == 200 and answer["result"]["user_id"] == user, answer
+                tokens[user] = token
+            for user, token in tokens.items():
+                assert await b.user_of(token) == user
+            before = await logout_wakes(a, b, tokens.pop("alice"))
+
+            cluster.replicated()
+            old, new = cluster.master, cluster.replica
+            subscribed = [bus.stats()["connections"] for bus in buses]
+            started = time.monotonic()
+            if fault == "killed":
+                cluster.kill(old)
+            else:
+                assert cli(cluster.sentinel, "SENTINEL", "FAILOVER", SERVICE).strip() == "OK"
+            await until(lambda: cluster.master_port() == new, "Sentinel to switch", 15.0)
+            # Sessions answer 503 until the new master does, never "logged out".
+            for machine in machines:
+                assert await machine.user_of(tokens["bob"]) == "bob"
+            await until(
+                lambda: pattern_subscribers(new) == 2
+                and all(bus.stats()["connected"] for bus in buses),
+                "both subscribers on the new master",
+                timeout=15.0,
+            )
+            moved = time.monotonic()
+            assert all(bus.stats()["connections"] > n for bus, n in zip(buses, subscribed))
+            if fault == "failover":
+                # The old master is still a master, but nobody listens there.
+                assert cli(old, "ROLE").split()[0] == "master"
+                assert pattern_subscribers(old) == 0
+            for user, token in tokens.items():
+                for machine in machines:
+                    assert await machine.user_of(token) == user, (user, machine.base)
+            after = await logout_wakes(a, b, tokens.pop("bob"))
+            assert before < 1.0 and after < 1.0, (before, after)
+            # The logout is durable on the new master: no machine takes it back.
+            assert await a.user_of(tokens["carol"]) == "carol"
+    finally:
+        for machine in machines:
+            await machine.stop()
+    text = "\n".join(lines)
+    assert "NoTransition" not in text and "log_failure" not in text, text
+    assert "the bus subscriber" in text
+    print(f"\nbus on Sentinel, master {fault}: logout woke the wait on the other app in "
+          f"{before * 1000:.1f} ms before, {after * 1000:.1f} ms after; both subscribers on "
+          f"the new master {moved - started:.2f} s after the {fault.replace('killed', 'kill')}")

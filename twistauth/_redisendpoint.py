@@ -166,6 +166,10 @@ class RedisEndpoint:
         self._watchers: List[ClientService] = []
         self._closed = False
 
+    def __repr__(self) -> str:
+        # (ClientService logs it with every retry: never the password)
+        return f"<RedisEndpoint {self.address.redacted()}>"
+
     # -- connecting ------------------------------------------------------
 
     def connect(self, protocolFactory: Any) -> defer.Deferred[Any]:

@@ -29,7 +29,7 @@ reactor): `twistauth.redisconn` imports it only when a connection is made.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import txredisapi
 from twisted.internet import defer
@@ -163,23 +163,41 @@ class _Protocol(txredisapi.RedisProtocol):
     # drop it (reconnection then shows whether the server answers).
 
     _stall: Any = None
+    _progress: float = 0.0
+
+    # The timer is lazy: a reply only records the time (no timer is made
+    # or cancelled per command); when the timer fires it looks at how long
+    # the connection has been silent and waits again for the rest.
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        idle = not self.replyQueue.waiting
         d = txredisapi.RedisProtocol.execute_command(self, *args, **kwargs)
-        if self._ready and (self._stall is None or not self._stall.active()):
-            self._stall = self.factory.clock.callLater(self.factory.reply_timeout, self._stalled)
+        if self._ready:
+            if idle:
+                self._progress = self.factory.clock.seconds()  # silence starts now
+            if self._stall is None:
+                self._stall = self.factory.clock.callLater(
+                    self.factory.reply_timeout, self._stalled
+                )
         return d
 
     def _stalled(self) -> None:
         self._stall = None
-        if self.replyQueue.waiting and self.connected and self.transport is not None:
-            log.warn(
-                "twistauth: Redis at {address}: no answer for {seconds:g} s; dropping the "
-                "connection",
-                address=self.factory.address.redacted(),
-                seconds=self.factory.reply_timeout,
+        if not (self.replyQueue.waiting and self.connected and self.transport is not None):
+            return  # nothing awaited: the next command starts a new watch
+        silent = self.factory.clock.seconds() - self._progress
+        if silent < self.factory.reply_timeout:
+            self._stall = self.factory.clock.callLater(
+                self.factory.reply_timeout - silent, self._stalled
             )
-            self.transport.abortConnection()
+            return
+        log.warn(
+            "twistauth: Redis at {address}: no answer for {seconds:g} s; dropping the "
+            "connection",
+            address=self.factory.address.redacted(),
+            seconds=self.factory.reply_timeout,
+        )
+        self.transport.abortConnection()
 
     def connectionLost(self, why: Any) -> None:
         if self._stall is not None and self._stall.active():
@@ -189,14 +207,8 @@ class _Protocol(txredisapi.RedisProtocol):
 
     def replyReceived(self, reply: Any) -> None:
         txredisapi.RedisProtocol.replyReceived(self, reply)
-        if self._stall is not None and self._stall.active():
-            # Progress: watch the next reply, if one is awaited.
-            self._stall.cancel()
-            self._stall = None
-            if self.replyQueue.waiting:
-                self._stall = self.factory.clock.callLater(
-                    self.factory.reply_timeout, self._stalled
-                )
+        if self._stall is not None:
+            self._progress = self.factory.clock.seconds()  # progress: silence starts again
         if (
             self.factory.expect_master
             and isinstance(reply, txredisapi.ResponseError)
@@ -209,6 +221,19 @@ class _Protocol(txredisapi.RedisProtocol):
                 address=self.factory.address.redacted(),
             )
             self.transport.loseConnection()
+
+
+class _Handler(txredisapi.ConnectionHandler):
+    """
+    txredisapi's connection handler, whose command wrappers name their
+    factory (``connection.get._twistauth_factory``): `twistauth.redisconn.call`
+    finds the connection's error listener through it.
+    """
+
+    def __getattr__(self, method: str) -> Any:
+        wrapper = txredisapi.ConnectionHandler.__getattr__(self, method)
+        wrapper._twistauth_factory = self._factory
+        return wrapper
 
 
 class _Factory(txredisapi.RedisFactory):
@@ -239,7 +264,7 @@ class _Factory(txredisapi.RedisFactory):
             None,
             pool_size,
             False,  # isLazy: only decides whether txredisapi logs refusals itself
-            txredisapi.ConnectionHandler,
+            _Handler,
             "utf-8",
             None,
             None,
@@ -255,6 +280,9 @@ class _Factory(txredisapi.RedisFactory):
         self.maxDelay = max_retry_delay
         self.initialDelay = min(0.5, max_retry_delay)
         self.endpoint: Optional[RedisEndpoint] = None
+        #: Called with a short kind for every failed `twistauth.redisconn.call`
+        #: (`twistauth.redisconn.set_error_listener`).
+        self.error_listener: Optional[Callable[[str], None]] = None
 
     def retryDelay(self, attempt: int) -> float:
         """

@@ -87,6 +87,7 @@ from twistauth.errors import (
 )
 from twistauth.methods.handler import Handler
 from twistauth.methods.registry import Method
+from twistauth.observe import request_id_of
 from twistauth.web.envelope import render_error
 
 log = Logger()
@@ -701,7 +702,7 @@ class Require:
                     session.roles if session is not None else frozenset(),
                 )
                 if refused is not None:
-                    _log_refusal(first.method, session, refused[1])
+                    _log_refusal(first.method, session, refused[1], first.request)
                     raise refused[0]
                 return function(*args, **kwargs)
             request = _find_request(args)
@@ -741,7 +742,7 @@ class Require:
                 if live is None:
                     if self.sessions is not None:
                         await self.sessions.delete_user(user_id)
-                    _log_refusal(where, session, "its account is gone or disabled")
+                    _log_refusal(where, session, "its account is gone or disabled", request)
                     return render_error(
                         request,
                         AuthRequiredError(
@@ -753,7 +754,7 @@ class Require:
             return render_error(request, e)
         refused = requirement.refusal(user_id, roles)
         if refused is not None:
-            _log_refusal(where, session, refused[1])
+            _log_refusal(where, session, refused[1], request)
             return render_error(request, refused[0])
         result = function(*args, **kwargs)
         if isinstance(result, Deferred) or inspect.isawaitable(result):
@@ -771,12 +772,14 @@ def _who(session: Any) -> str:
     return str(session.user_id)
 
 
-def _log_refusal(method: str, session: Any, reason: str) -> None:
+def _log_refusal(method: str, session: Any, reason: str, request: Any) -> None:
     log.info(
         "twistauth: access: refused {method} for {who}: {reason}",
         method=method,
         who=_who(session),
         reason=reason,
+        event="acl_refusal",
+        request_id=request_id_of(request),
     )
 
 
@@ -1026,11 +1029,11 @@ class AccessControl:
                 session.roles if session is not None else frozenset(),
             )
             if refused is not None:
-                _log_refusal(method.name, session, refused[1])
+                _log_refusal(method.name, session, refused[1], handler.request)
                 raise refused[0]
         reason = self.acl_of(session).refusal(method.name)
         if reason is not None:
-            _log_refusal(method.name, session, reason)
+            _log_refusal(method.name, session, reason, handler.request)
             raise ForbiddenError(f"this session may not call {method.name!r}")
 
     def _provider(self, handler: Handler) -> Optional[IRoleProvider]:

@@ -16,13 +16,13 @@ request and returned in ``X-Request-Id``.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import quote
 
 import attr
 from klein import Klein
 from twisted.application.service import IService, Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import IResource
@@ -48,7 +48,6 @@ from twistauth.operations import (
     counting_cache_class,
     klein_route_name,
     method_metrics_hook,
-    request_exception_hook,
 )
 from twistauth.sessions._interfaces import IRevocations, ISessionCache
 from twistauth.sessions.client import ClientSessionCache
@@ -183,10 +182,17 @@ class RedisConnections(Service):
     """
     One Redis connection per URL, shared by everything that uses that URL,
     closed when the service stops.
+
+    :param on_error: told of every failed Redis call on these connections,
+        with its kind (`twistauth.redisconn.set_error_listener`): the app's
+        `IMetrics.redis_error`.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, on_error: Optional[Callable[[str], None]] = None
+    ) -> None:
         self._settings = settings
+        self._on_error = on_error
         self._connections: Dict[str, Any] = {}
 
     def get(self, url: str) -> Any:
@@ -196,6 +202,8 @@ class RedisConnections(Service):
             connection = redisconn.connect(
                 url, connect_timeout=timeout, reply_timeout=max(5.0, 2.5 * timeout)
             )
+            if self._on_error is not None:
+                redisconn.set_error_listener(connection, self._on_error)
             self._connections[url] = connection
             log.info(
                 "twistauth: Redis: connecting to {address}",
@@ -335,17 +343,23 @@ class BusService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self.bus.start()
+        # The server does not wait for the first subscription (waits work
+        # locally meanwhile, and readiness says whether it is there); a stop
+        # before it cancels the wait, which is no error.
+        started: Deferred[None] = self.bus.start()
+        started.addErrback(lambda failure: failure.trap(CancelledError))
 
     def stopService(self) -> Any:
         super().stopService()
         return self.bus.stop()
 
 
-def make_bus(settings: Settings, reactor: Any) -> Any:
+def make_bus(settings: Settings, reactor: Any, redis: RedisConnections) -> Any:
     """
     The notification bus: over the shared Redis when the deployment has one
-    (so a logout on one process wakes waiters on all), else in memory.
+    (so a logout on one process wakes waiters on all), else in memory.  It
+    publishes on the shared connection (``redis``) and subscribes on a
+    connection of its own; both follow a Sentinel failover.
     """
     shared = settings.shared_redis_url
     if shared is None:
@@ -363,6 +377,7 @@ def make_bus(settings: Settings, reactor: Any) -> Any:
         key=settings.deployment_key,  # type: ignore[arg-type]
         reactor=reactor,
         mode=settings.bus_mode,
+        connection=redis.get(shared),
         connect_timeout=settings.redis_timeout,
         command_timeout=settings.redis_timeout,
     )
@@ -475,7 +490,9 @@ def make_app(
     else:
         metrics = Metrics() if settings.metrics else NullMetrics()
     counting = metrics if settings.metrics else None
-    redis = RedisConnections(settings)
+    redis = RedisConnections(
+        settings, on_error=metrics.redis_error if counting is not None else None
+    )
     background: List[IService] = [redis]
     sessions, header_sessions = make_session_caches(settings, clock, redis, counting)
     registry.load("twistauth.methods.builtin")
@@ -484,7 +501,7 @@ def make_app(
         accounts = make_accounts(settings, clock, reactor, redis)
         background.append(accounts["passwords"])
         registry.load("twistauth.accounts.methods")
-    bus = make_bus(settings, reactor)
+    bus = make_bus(settings, reactor, redis)
     background.append(BusService(bus))
     access = AccessControl.from_settings(settings)
     access.check_registry(registry)
@@ -511,9 +528,7 @@ def make_app(
     dispatcher = Dispatcher(
         registry,
         services,
-        # With no hook of the application's, a method's unexpected exception
-        # is logged with its request's id (see request_exception_hook).
-        exception_hook=settings.exception_hook or request_exception_hook(None),
+        exception_hook=settings.exception_hook,
         before_hook=settings.before_hook,
         after_hook=chain_hooks(
             method_metrics_hook(metrics) if counting is not None else None,

@@ -21,7 +21,7 @@ What is counted (names carry the ``twistauth_`` prefix)::
     sessions_destroyed_total{reason}
     waiters                                         gauge, from callbacks
     cache_requests_total{cache,result}              result = hit | miss
-    redis_errors_total{kind}
+    redis_errors_total{kind}                        every failed Redis call and probe
     log_events_total{level}                         from the log pipeline
     alert_mails_total{result}, alert_events_dropped_total{reason}
     <name>{stat}                                    any component's stats()
@@ -166,8 +166,10 @@ class IMetrics(Interface):
 
     def redis_error(kind: str) -> None:
         """
-        A Redis call failed: ``"timeout"``, ``"connection"``, ``"auth"``,
-        ``"reply"``.
+        A Redis call (or readiness probe) failed; ``kind`` is one of
+        `twistauth.redisconn.ERROR_KINDS`: ``"timeout"``, ``"unavailable"``,
+        ``"auth_failed"``, ``"refused"``, ``"closed"``, ``"error"`` (Redis
+        answered with an error).
         """
 
     def watch_waiters(source: Callable[[], int]) -> Callable[[], None]:
@@ -356,7 +358,9 @@ class Metrics:
         self._cache = _Counter(
             "cache_requests", "Cache look-ups by result.", ("cache", "result"), n
         )
-        self._redis = _Counter("redis_errors", "Failed Redis calls.", ("kind",), n)
+        self._redis = _Counter(
+            "redis_errors", "Failed Redis calls and readiness probes, by kind.", ("kind",), n
+        )
         self._counters = (
             self._requests,
             self._calls,

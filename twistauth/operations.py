@@ -10,9 +10,6 @@ from outside the modules that produce those events.
 - `method_metrics_hook`: the dispatcher's ``after_hook`` that times every
   call (`twistauth.metrics.Metrics.after_hook`) and counts password logins
   by outcome and reason;
-- `request_exception_hook`: the dispatcher's ``exception_hook`` that logs a
-  method's unexpected exception with the request's id (the 500 answer and
-  its correlation id stay the dispatcher's);
 - `add_readiness_checks`: ``/readyz`` checks for every Redis connection
   (PING within a deadline), the user store and the bus;
 - `klein_route_name`: a route's template for the request counter.
@@ -20,24 +17,15 @@ from outside the modules that produce those events.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Tuple
+from typing import Any, Callable, Iterable, Tuple
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twistauth import redisconn
-from twistauth.errors import InternalError, TwistauthError
 from twistauth.metrics import IMetrics
-from twistauth.observe import bind_request_id, request_id_of
 from twistauth.web.health import HealthChecks
-
-#: The namespace of a method's failure events: the dispatcher's own, so
-#: filters on it keep working.
-DISPATCH_NAMESPACE = "twistauth.methods.dispatch"
-
-_dispatch_log = Logger(namespace=DISPATCH_NAMESPACE)
 
 #: A user id no account can have (ids cannot hold ``:``): what the user
 #: store's readiness check looks up.
@@ -128,47 +116,6 @@ def method_metrics_hook(metrics: IMetrics) -> Callable[[Any], None]:
     return hook
 
 
-def request_exception_hook(
-    hook: Optional[Callable[[Any, BaseException], Any]],
-) -> Callable[[Any, BaseException], Any]:
-    """
-    The dispatcher's ``exception_hook``: the application's ``hook`` first
-    (its `TwistauthError` answers the call); otherwise the exception is
-    logged as the dispatcher logs it (same message, namespace and
-    correlation id), plus the request's ``request_id``, and the call
-    answers the same 500 with the correlation id the dispatcher gives.
-    """
-
-    def exception_hook(handler: Any, error: BaseException) -> Any:
-        log = bind_request_id(_dispatch_log, request_id_of(handler.request))
-        if hook is not None:
-            try:
-                mapped = hook(handler, error)
-            except Exception:
-                log.failure(
-                    "exception hook failed for {method} (correlation id {cid})",
-                    method=handler.method,
-                    cid=handler.transaction_id,
-                )
-                mapped = None
-            if isinstance(mapped, TwistauthError):
-                return mapped
-        log.failure(
-            "method {method} failed (correlation id {cid})",
-            failure=Failure(error),
-            method=handler.method,
-            cid=handler.transaction_id,
-        )
-        return InternalError(
-            {
-                "message": "internal error; quote the correlation id when reporting it",
-                "correlation_id": handler.transaction_id,
-            }
-        )
-
-    return exception_hook
-
-
 # ---------------------------------------------------------------------------
 # Readiness.
 
@@ -228,12 +175,22 @@ def add_readiness_checks(
     deployment uses several) PINGs each connection, ``users`` looks up a
     user that cannot exist, ``bus`` asks the bus (`twistauth.bus.IBus.ping`).
 
+    The ``redis`` and ``bus`` checks get a deadline slightly longer than
+    the ``timeout`` they give Redis (`check_deadline`): the probe's own
+    deadline must fire first, since only it drops a stalled connection
+    (and says ``redis_timeout``); the check's would cancel the PING and
+    leave the connection as it is.
+
+    :param timeout: seconds each Redis PING may take.
     :param redis: ``(url, connection)`` pairs.
     """
+    deadline = check_deadline(timeout)
     for index, (url, connection) in enumerate(redis):
         name = "redis" if index == 0 else f"redis_{index + 1}"
         address = redisconn.parse_url(url).redacted()
-        checks.add(name, _bind_ping(clock, timeout, connection, address, metrics))
+        checks.add(
+            name, _bind_ping(clock, timeout, connection, address, metrics), timeout=deadline
+        )
     if users is not None:
 
         def users_check() -> Deferred[Any]:
@@ -243,7 +200,16 @@ def add_readiness_checks(
     if bus is not None:
         ping = getattr(bus, "ping", None)
         if ping is not None:
-            checks.add("bus", lambda: ping(timeout))
+            checks.add("bus", lambda: ping(timeout), timeout=deadline)
+
+
+def check_deadline(timeout: float) -> float:
+    """
+    The deadline of a readiness check whose Redis calls have ``timeout``
+    seconds: 10 % longer, by 0.05 s to 0.5 s (enough for the call's own
+    deadline, on the same clock, to fire and be handled first).
+    """
+    return timeout + min(0.5, max(0.05, 0.1 * timeout))
 
 
 def _bind_ping(
@@ -280,9 +246,9 @@ def klein_route_name(request: Any) -> str:
 __all__ = [
     "PROBE_USER_ID",
     "add_readiness_checks",
+    "check_deadline",
     "counting_cache_class",
     "klein_route_name",
     "method_metrics_hook",
     "ping_redis",
-    "request_exception_hook",
 ]

@@ -31,7 +31,9 @@ Four things, each easy to get wrong with txredisapi:
 - `health` and `probe` say how a connection is doing: `LinkHealth` for the
   state and its reason, `probe` (``PING`` with a deadline) for readiness,
   failing with `RedisUnhealthy` named ``redis_auth_failed`` when the server
-  refused the password.
+  refused the password.  `set_error_listener` gives a connection a
+  callable that `call` tells of every failed call, by kind (the app counts
+  them in ``redis_errors_total``).
 
 txredisapi is imported only when a connection is made or a call fails:
 importing it installs the default reactor, which must not happen when this
@@ -488,18 +490,79 @@ class RedisUnhealthy(Exception):
         self.name = name
 
 
+def _factory_of(connection: Any) -> Any:
+    # (the handler answers every missing attribute with a command wrapper)
+    factory = vars(connection).get("_factory") if hasattr(connection, "__dict__") else None
+    found = vars(factory).get("health") if factory is not None else None
+    if not isinstance(found, LinkHealth):
+        raise TypeError("not a connection made by twistauth.redisconn.connect")
+    return factory
+
+
 def health(connection: Any) -> LinkHealth:
     """
     The `LinkHealth` of a connection made by `connect`.
 
     :raises TypeError: ``connection`` was not made by `connect`.
     """
-    # (the handler answers every missing attribute with a command wrapper)
-    factory = vars(connection).get("_factory") if hasattr(connection, "__dict__") else None
-    found = vars(factory).get("health") if factory is not None else None
-    if not isinstance(found, LinkHealth):
-        raise TypeError("not a connection made by twistauth.redisconn.connect")
+    found: LinkHealth = vars(_factory_of(connection))["health"]
     return found
+
+
+#: The kinds of failed calls `call` reports to an error listener.
+ERROR_KINDS = ("timeout", "unavailable", "auth_failed", "refused", "closed", "error")
+
+
+def set_error_listener(connection: Any, listener: Optional[Callable[[str], None]]) -> None:
+    """
+    Have `call` tell ``listener`` of every call on ``connection`` that
+    fails, with its kind (one of `ERROR_KINDS`): ``timeout`` (no answer
+    within the call's deadline), ``unavailable`` (down, unreachable,
+    loading, read-only...), ``auth_failed`` (the password is refused),
+    ``refused`` (the database is), ``closed`` (after `disconnect`), or
+    ``error`` (Redis answered the call with an error).  A cancelled call
+    is not reported.  One listener per connection; ``None`` removes it.
+
+    Only calls made through `call` with one of the connection's commands
+    (``connection.get``, ``connection.execute_command``...) are reported.
+
+    :raises TypeError: ``connection`` was not made by `connect`.
+    """
+    _factory_of(connection).error_listener = listener
+
+
+def _error_kind(failure: Failure, factory: Any) -> Optional[str]:
+    if failure.check(defer.CancelledError):
+        return None
+    if failure.check(defer.TimeoutError):
+        return "timeout"
+    if not is_unavailable(failure):
+        return "error"
+    link = vars(factory).get("health")
+    state = link.state if isinstance(link, LinkHealth) else None
+    if state in (AUTH_FAILED, REFUSED, CLOSED):
+        return state
+    if str(failure.value).startswith(("NOAUTH", "WRONGPASS")):
+        return "auth_failed"
+    return "unavailable"
+
+
+def _report_error(function: Any, failure: Failure) -> None:
+    """
+    Tell the error listener of ``function``'s connection (if any) that a
+    call failed.
+    """
+    factory = getattr(function, "_twistauth_factory", None)
+    listener = vars(factory).get("error_listener") if factory is not None else None
+    if listener is None:
+        return
+    kind = _error_kind(failure, factory)
+    if kind is None:
+        return
+    try:
+        listener(kind)
+    except Exception:
+        _log.failure("twistauth: a Redis error listener failed")
 
 
 _STATE_ERRORS = {
@@ -634,12 +697,14 @@ def call(
     :return: Deferred firing with the call's result, or failing with
         ``unavailable`` if it did not answer within ``timeout`` or Redis is
         unavailable; other failures pass through unchanged.  Cancelling it
-        cancels the call.
+        cancels the call.  Every failure but a cancellation is reported to
+        the connection's error listener (`set_error_listener`).
     """
     d = defer.maybeDeferred(function, *args)
     d.addTimeout(timeout, clock)
 
     def translate(failure: Failure) -> Failure:
+        _report_error(function, failure)
         if failure.check(defer.TimeoutError):
             raise unavailable(f"{what} did not answer within {timeout:g} s; retry later")
         if is_unavailable(failure):

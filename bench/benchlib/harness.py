@@ -14,6 +14,12 @@ the `benchlib.wrk.WrkDriver` with its own request or a driver of its own.
 A server that needs something running first (a redis-server) gets it from
 the scenario's ``setup`` context manager, which may add environment
 variables through `Context.env`.
+
+A server may also span several CPUs (`ServerSpec.cores`: several worker
+processes), run under an interpreter of its own (`ServerSpec.python`: the
+CPython/PyPy comparison) and warm up for longer (`ServerSpec.warmup`).  A
+server's CPU time and memory are those of its whole process tree (a
+``--processes N`` parent and its workers).
 """
 
 from __future__ import annotations
@@ -27,9 +33,20 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 BENCH = Path(__file__).resolve().parent.parent
 REPO = BENCH.parent
@@ -69,12 +86,24 @@ class Context:
     profile: Optional[Any] = None
 
 
-def pin(core: int, nice: int = 0) -> List[str]:
+def pin(core: Union[int, str], nice: int = 0) -> List[str]:
     """
-    The argv prefix that runs a command on CPU ``core`` at niceness ``nice``.
+    The argv prefix that runs a command on CPU ``core`` (or a ``taskset``
+    CPU list such as ``"0,1"``) at niceness ``nice``.
     """
     prefix = ["nice", "-n", str(nice)] if nice else []
     return prefix + ["taskset", "-c", str(core)]
+
+
+def cpu_list(text: Union[int, str]) -> List[int]:
+    """
+    The CPUs of a ``taskset`` list: ``"0,1"``, ``"0-3"``, ``"0,2-3"`` or one number.
+    """
+    cores: List[int] = []
+    for part in str(text).split(","):
+        first, _, last = part.strip().partition("-")
+        cores.extend(range(int(first), int(last or first) + 1))
+    return sorted(set(cores))
 
 
 @dataclass
@@ -94,6 +123,11 @@ class ServerSpec:
     :ivar env: optional ``env(context, port)`` → extra environment variables.
     :ivar default: run without ``--servers``/``--all``; ``False`` for
         servers that answer a narrower question.
+    :ivar cores: a ``taskset`` CPU list (``"0,1"``) for a server of several
+        processes; ``None``: `Context.server_core`.
+    :ivar python: the interpreter this server runs under; ``None``:
+        `Context.python`.
+    :ivar warmup: this server's warm-up seconds; ``None``: the plan's.
     """
 
     name: str
@@ -104,6 +138,17 @@ class ServerSpec:
     prepare: Optional[Callable[[RunningServer], List[str]]] = None
     logs_to: Optional[Callable[[Context], Path]] = None
     default: bool = True
+    cores: Optional[str] = None
+    python: Optional[str] = None
+    warmup: Optional[float] = None
+
+    def context(self, context: Context) -> Context:
+        """
+        ``context`` as this server sees it (its own interpreter, if any).
+        """
+        if self.python is None or self.python == context.python:
+            return context
+        return replace(context, python=self.python)
 
 
 class Driver(Protocol):
@@ -140,6 +185,8 @@ class Scenario:
     driver: Driver
     setup: Optional[Callable[[Context], Any]] = None
     notes: List[str] = field(default_factory=list)
+    columns: List[Tuple[str, Callable[[Dict[str, Any]], str]]] = field(default_factory=list)
+    """Extra table columns: ``(header, cell(server summary) -> text)``."""
 
     def server(self, name: str) -> ServerSpec:
         for spec in self.servers:
@@ -162,6 +209,8 @@ class RunningServer:
     process: subprocess.Popen[bytes]
     output: Path
     extra: List[str] = field(default_factory=list)
+    context: Optional[Context] = None
+    """The context the server was started with (its interpreter)."""
 
     @property
     def url(self) -> str:
@@ -170,20 +219,24 @@ class RunningServer:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def pids(self) -> List[int]:
+        """
+        The server's process and its live descendants (worker processes).
+        """
+        return process_tree(self.process.pid)
+
     def cpu_seconds(self) -> float:
         """
-        User plus system CPU time the process (all its threads) used so far.
+        User plus system CPU time the process and its live descendants (all
+        their threads) used so far.
         """
-        with open(f"/proc/{self.process.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return sum(process_cpu_seconds(pid) for pid in self.pids())
 
     def rss_bytes(self) -> int:
-        with open(f"/proc/{self.process.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+        """
+        Resident memory of the process and its live descendants.
+        """
+        return sum(process_rss_bytes(pid) for pid in self.pids())
 
     def output_tail(self, lines: int = 20) -> str:
         try:
@@ -205,6 +258,49 @@ class RunningServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """
+    User plus system CPU seconds of one live process; 0 if it is gone.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def process_rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def process_tree(pid: int) -> List[int]:
+    """
+    ``pid`` and every live descendant of it, parents before children.
+    """
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out = [pid]
+    for parent in out:
+        out.extend(sorted(children.get(parent, ())))
+    return out
 
 
 def free_port() -> int:
@@ -261,12 +357,14 @@ def _default_sigint() -> None:
 
 def start_server(spec: ServerSpec, context: Context, start_timeout: float) -> RunningServer:
     """
-    Start ``spec`` on a free loopback port, pinned to the server core, and
-    wait until it accepts connections.
+    Start ``spec`` on a free loopback port, pinned to the server core (or
+    to its own `ServerSpec.cores`), and wait until it accepts connections.
     """
     port = free_port()
     output = context.workdir / f"{spec.name}.out"
-    argv = pin(context.server_core, context.nice) + spec.command(context, port)
+    context = spec.context(context)
+    cores = spec.cores if spec.cores is not None else context.server_core
+    argv = pin(cores, context.nice) + spec.command(context, port)
     with open(output, "wb") as out:
         process = subprocess.Popen(  # noqa: S603 - our own argv
             argv,
@@ -277,7 +375,7 @@ def start_server(spec: ServerSpec, context: Context, start_timeout: float) -> Ru
             stderr=subprocess.STDOUT,
             preexec_fn=_default_sigint,
         )
-    server = RunningServer(spec=spec, port=port, process=process, output=output)
+    server = RunningServer(spec=spec, port=port, process=process, output=output, context=context)
     try:
         wait_for_port(server, start_timeout)
     except BaseException:
@@ -404,8 +502,9 @@ def run_scenario(
         order = [s for s in specs if s.name in running]
         samples: Dict[str, List[Dict[str, Any]]] = {s.name: [] for s in order}
         for spec in order:
-            log(f"warming up {spec.name} for {plan.warmup:g} s")
-            warm[spec.name] = scenario.driver.measure(running[spec.name], plan.warmup)
+            seconds = plan.warmup if spec.warmup is None else spec.warmup
+            log(f"warming up {spec.name} for {seconds:g} s")
+            warm[spec.name] = scenario.driver.measure(running[spec.name], seconds)
             time.sleep(plan.settle)
         for rep in range(plan.reps):
             shift = rep % len(order)
@@ -442,7 +541,7 @@ def run_scenario(
         log_bytes: Dict[str, int] = {}
         for spec in order:
             if spec.logs_to is not None:
-                path = spec.logs_to(context)
+                path = spec.logs_to(spec.context(context))
                 log_bytes[spec.name] = sum(
                     p.stat().st_size for p in path.parent.glob(path.name + "*")
                 )
@@ -487,20 +586,44 @@ def measure_with_noise(
     client core) used meanwhile: ``sample["noise"]``, as shares of a core.
     ``noise["max"]`` is what decides whether a sample is noisy: the share of
     the server core others took, or the share of it the server left idle.
+
+    A server on several cores (`ServerSpec.cores`, usually including the
+    client core) shares them with the load generator: its noise is what
+    other processes took of those cores (in shares of one core), and being
+    left idle is not counted (a single worker cannot use two cores).  The
+    sample then also says how much CPU the server and the load generator
+    used (``server_cores_used``, ``client_cores_used``, in cores).
     """
     before = core_times()
     server_before = server.cpu_seconds()
     client_before = _children_cpu()
+    started_at = time.monotonic()
     sample = driver.measure(server, seconds)
     after = core_times()
     server_cpu = server.cpu_seconds() - server_before
     client_cpu = _children_cpu() - client_before
+    cores = cpu_list(server.spec.cores) if server.spec.cores is not None else None
+    if cores is not None and len(cores) > 1:
+        wall = max(1e-9, time.monotonic() - started_at)
+        shared = sorted(set(cores) | {context.client_core})
+        busy = sum(after[c][0] - before[c][0] for c in shared) / CLOCK_TICKS
+        per_core = sum(after[c][1] - before[c][1] for c in shared) / CLOCK_TICKS / len(shared)
+        others = max(0.0, busy - server_cpu - client_cpu)
+        share = others / per_core if per_core > 0 else 0.0
+        ran = sample.get("seconds") or wall
+        sample["noise"] = {"server_cores": share, "max": share}
+        sample["server_cores_used"] = sample.get("server_cpu_share", server_cpu / ran)
+        sample["client_cores_used"] = client_cpu / ran
+        return sample
 
     def foreign(core: int, ours: float) -> float:
         busy = (after[core][0] - before[core][0]) / CLOCK_TICKS
         total = (after[core][1] - before[core][1]) / CLOCK_TICKS
         return max(0.0, busy - ours) / total if total > 0 else 0.0
 
+    ran = sample.get("seconds") or seconds
+    sample.setdefault("server_cores_used", server_cpu / ran)
+    sample["client_cores_used"] = client_cpu / ran
     noise = {
         "server_core": foreign(context.server_core, server_cpu),
         "client_core": foreign(context.client_core, client_cpu),

@@ -129,6 +129,13 @@ COLUMNS = (
 )  # fmt: skip
 
 
+def columns(scenario: Scenario) -> Sequence[str]:
+    """
+    The table's headers: the fixed ones, then the scenario's own.
+    """
+    return (*COLUMNS, *(header for header, _ in scenario.columns))
+
+
 def rows(scenario: Scenario, summary: Dict[str, Any]) -> List[Sequence[str]]:
     out: List[Sequence[str]] = []
     servers = summary["servers"]
@@ -152,6 +159,7 @@ def rows(scenario: Scenario, summary: Dict[str, Any]) -> List[Sequence[str]]:
                 f"{ratio:.2f}" if ratio is not None else "-",
                 f"{cpu_ratio:.2f}" if cpu_ratio is not None else "-",
                 f"{100 * s['other_load_median']:.0f}%" if "other_load_median" in s else "-",
+                *(cell(s) for _, cell in scenario.columns),
             )
         )
     return out
@@ -188,13 +196,12 @@ def render(
     when: Optional[str] = None,
 ) -> str:
     body = rows(scenario, summary)
-    table = (rst_table if rst else text_table)(COLUMNS, body)
+    table = (rst_table if rst else text_table)(columns(scenario), body)
     versions = info.get("versions", {})
     lines = [
         f"{scenario.title}: {plan['reps']} interleaved rounds of {plan['duration']:g} s, "
         f"{plan['connections']} keep-alive connections, wrk {plan['threads']} thread(s) "
-        f"(server on CPU {info['server_core']}, wrk on CPU {info['client_core']}, "
-        f"nice {plan.get('nice', 0)})",
+        f"({_placement(scenario, info)}, nice {plan.get('nice', 0)})",
         f"{when or time.strftime('%Y-%m-%d %H:%M %Z')}; {info['cpu']}, {info['cpus']} CPUs; "
         + (
             f"tree {info['tree']['commit']}"
@@ -215,6 +222,11 @@ def render(
         "(less sensitive to other load on the machine); other load = median share of "
         "the server's core that other processes took or the server left idle.",
     ]
+    if any(s.cores is not None for s in scenario.servers):
+        lines.append(
+            "A server on several CPUs shares them with wrk: its other load is what other "
+            "processes took of those CPUs (in shares of one CPU); idle time is not counted."
+        )
     for name, why in summary["skipped"].items():
         lines.append(f"skipped {name}: {why}")
     noisy = {
@@ -238,6 +250,14 @@ def render(
             )
     lines += [f"note: {n}" for n in scenario.notes]
     return "\n".join(lines)
+
+
+def _placement(scenario: Scenario, info: Dict[str, Any]) -> str:
+    spread = sorted({s.cores for s in scenario.servers if s.cores is not None})
+    where = f"server on CPU {info['server_core']}"
+    if spread:
+        where += f" (some on CPUs {' or '.join(spread)})"
+    return f"{where}, wrk on CPU {info['client_core']}"
 
 
 def write_json(directory: Path, name: str, document: Dict[str, Any]) -> Path:

@@ -16,6 +16,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from benchlib.harness import BENCH, BenchError, RunningServer, pin
 
 LUA = BENCH / "request.lua"
+FOLLOW = "follow"
+"""A "header" ``follow: Name`` tells ``request.lua`` to keep sending the
+newest value of the response header Name (a session token)."""
 MARK = "BENCH-JSON "
 
 Expect = Callable[[int, Dict[str, str], bytes], Optional[str]]
@@ -52,6 +55,7 @@ class WrkDriver:
         try:
             headers = dict(h.split(":", 1) for h in self._headers(server))
             headers = {k.strip(): v.strip() for k, v in headers.items()}
+            headers.pop(FOLLOW, None)  # an instruction to request.lua, not a header
             body = self.body.encode() if self.body is not None else None
             conn.request(self.method, self.path, body=body, headers=headers)
             response = conn.getresponse()

@@ -33,6 +33,14 @@ deployment):
 
 ``bench/longpoll/run.py`` measures both.
 
+**Sentinel.**  With a ``redis-sentinel://`` URL both connections follow
+the master the Sentinels name: the publishing one is a
+`twistauth.redisconn` connection, and the subscriber leaves a master as
+soon as a failover of it starts and subscribes on the new one when it is
+announced (`twistauth.bus._subscriber`).  For the subscriber a failover is
+a reconnection like any other: what was published meanwhile is caught by
+the re-check that follows (below).
+
 **Delivery is at most once.**  Pub/sub loses what is published while a
 subscriber is disconnected.  The bus reports every (re)subscription to its
 `when_resumed` observers, and waiters re-check durable state then (and at
@@ -91,7 +99,11 @@ class RedisBus:
     """
     The `IBus` of a deployment with several processes or machines.
 
-    :param url: the Redis server, ``redis://[[user]:password@]host[:port][/db]``.
+    :param url: the Redis server, ``redis://[[user]:password@]host[:port][/db]``,
+        or the Sentinels that name it,
+        ``redis-sentinel://[[user]:password@]host[:port][,...]/service_name[/db]``:
+        publishing and subscribing both follow a failover (see
+        `twistauth.redisconn` and `twistauth.bus._subscriber`).
     :param key: the deployment key (32 bytes): messages are authenticated
         with a key derived from it, so every process must share it.
     :param reactor: connects and keeps time (``IReactorTCP`` and
@@ -198,6 +210,7 @@ class RedisBus:
                 connect_timeout=self._connect_timeout,
                 reply_timeout=self._command_timeout + 1.0,
                 max_retry_delay=self._max_retry_delay,
+                reactor=self.clock,
             )
         log.info(
             "twistauth: bus: Redis {address}, {mode} subscription",

@@ -33,6 +33,7 @@ from twistauth.errors import InternalError, TwistauthError, UnknownMethodError
 from twistauth.methods.envelope import Batch, Call
 from twistauth.methods.handler import Handler, Services
 from twistauth.methods.registry import Method, MethodRegistry
+from twistauth.observe import request_id_of
 
 Outcome = Tuple[int, Dict[str, Any], Optional[Dict[str, str]]]
 MaybeOutcome = Union[Outcome, "Deferred[Outcome]"]
@@ -195,6 +196,7 @@ class Dispatcher:
                     "exception hook failed for {method} (correlation id {cid})",
                     method=handler.method,
                     cid=handler.transaction_id,
+                    request_id=request_id_of(handler.request),
                 )
                 mapped = None
             if isinstance(mapped, TwistauthError):
@@ -204,6 +206,7 @@ class Dispatcher:
             failure=Failure(error),
             method=handler.method,
             cid=handler.transaction_id,
+            request_id=request_id_of(handler.request),
         )
         return error_envelope(
             InternalError(

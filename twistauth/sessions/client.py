@@ -36,7 +36,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import attr
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
@@ -142,34 +142,28 @@ class ClientSessionCache:
     def create(self, permanent: bool = False) -> Deferred[Session]:
         return succeed(new_session(self.clock.seconds(), permanent))
 
-    @inlineCallbacks
-    def load(self, token: str, touch: bool = True) -> Any:
+    def load(self, token: str, touch: bool = True) -> Deferred[Optional[Session]]:
         now = self.clock.seconds()
         opened = self._sealer.open(token, purpose=self.purpose, now=now)
         if opened is None:
-            return None
+            return succeed(None)
         session = self._session(opened.payload)
-        if session is None:
-            return None
-        if not self._timeouts.live(session.created, session.last_seen, now):
-            return None
-        revoked = yield self.revocations.is_revoked(session)
-        if revoked:
-            return None
+        if session is None or not self._timeouts.live(session.created, session.last_seen, now):
+            return succeed(None)
         if touch and self._timeouts.touch_due(session.last_seen, now):
             session.last_seen = now
             session.mark_fields_changed()
         if opened.stale_key:
             session.mark_fields_changed()  # re-sealed with the newest key on save
-        return session
+        return self.revocations.is_revoked(session).addCallback(_unless_revoked, session)
 
-    @inlineCallbacks
-    def save(self, session: Session) -> Any:
-        if session.version:
-            revoked = yield self.revocations.is_revoked(session)
-            if revoked:
-                return None  # logged out meanwhile: not brought back
-        return self._seal(session)
+    def save(self, session: Session) -> Deferred[Optional[str]]:
+        if not session.version:
+            return _seal_now(self._seal, session)
+        # Logged out meanwhile: not brought back.
+        return self.revocations.is_revoked(session).addCallback(
+            lambda revoked: None if revoked else self._seal(session)
+        )
 
     @inlineCallbacks
     def renew(self, session: Session) -> Any:
@@ -256,3 +250,14 @@ class ClientSessionCache:
         except (KeyError, TypeError, ValueError):
             return None
         return session
+
+
+def _unless_revoked(revoked: bool, session: Session) -> Optional[Session]:
+    return None if revoked else session
+
+
+def _seal_now(seal: Any, session: Session) -> Deferred[Optional[str]]:
+    try:
+        return succeed(seal(session))
+    except Exception:
+        return fail()

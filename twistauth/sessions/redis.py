@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import attr
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
@@ -233,13 +233,20 @@ class RedisSessionCache:
     call_timeout: float = attr.ib(default=2.0)
     key_prefix: str = attr.ib(default="twistauth:")
     _timeouts: Timeouts = attr.ib(init=False)
+    _load_args: Dict[bool, Tuple[str, str, str]] = attr.ib(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._timeouts = Timeouts(
+        t = self._timeouts = Timeouts(
             idle=self.idle_timeout,
             absolute=self.absolute_timeout,
             touch_fraction=self.touch_fraction,
         )
+        # The load script's arguments after "now", made once (loads are
+        # the hot path); without ``touch`` the use is never "due".
+        self._load_args = {
+            touch: (_json(t.idle), _json(t.absolute), _json(t.touch_after if touch else _NEVER))
+            for touch in (True, False)
+        }
 
     # -- keys ------------------------------------------------------------
 
@@ -287,14 +294,11 @@ class RedisSessionCache:
         if not is_session_id(token):
             return succeed(None)
         now = self.clock.seconds()
-        t = self._timeouts
-        # Without ``touch`` the use is never "due", so nothing is written.
-        touch_after = t.touch_after if touch else _NEVER
         d = self._call(
             "eval",
             _LOAD,
             [self.session_key(token)],
-            [_json(now), _json(t.idle), _json(t.absolute), _json(touch_after)],
+            [repr(now), *self._load_args[touch]],
         )
         d.addCallback(self._loaded, token, now)
         return d

@@ -28,6 +28,7 @@ from twistauth.errors import (
 from twistauth.methods.codec import JSON, Codec, request_codec, response_codec
 from twistauth.methods.dispatch import Dispatcher, MaybeOutcome, Outcome, error_envelope
 from twistauth.methods.envelope import Call, parse_envelope
+from twistauth.observe import request_id_of
 from twistauth.sessions._interfaces import ISessionCache
 from twistauth.sessions.scope import UNCHANGED, Commit, SessionScope
 from twistauth.web.signing import INonceStore, sign_response, verify_request
@@ -246,10 +247,12 @@ class APIResource(Resource):
 
     def _answer_later(self, request: Any, codec: Codec, outcome: Deferred[Outcome]) -> None:
         request.notifyFinish().addErrback(lambda _: outcome.cancel())
-        outcome.addErrback(self._backend_failed)
-        outcome.addCallbacks(lambda done: self._write_late(request, codec, done), self._gone)
+        outcome.addErrback(self._backend_failed, request)
+        outcome.addCallbacks(
+            lambda done: self._write_late(request, codec, done), self._gone, errbackArgs=(request,)
+        )
 
-    def _backend_failed(self, failure: Failure) -> Outcome:
+    def _backend_failed(self, failure: Failure, request: Any) -> Outcome:
         """
         A session load or commit failed: a backend outage answers 503 and
         leaves the client's token alone (an outage is not a logout).
@@ -259,7 +262,12 @@ class APIResource(Resource):
         if isinstance(failure.value, TwistauthError):
             return error_envelope(failure.value)
         cid = self.dispatcher.next_id()
-        log.failure("session handling failed (correlation id {cid})", failure, cid=cid)
+        log.failure(
+            "session handling failed (correlation id {cid})",
+            failure,
+            cid=cid,
+            request_id=request_id_of(request),
+        )
         return error_envelope(InternalError({"message": "internal error", "correlation_id": cid}))
 
     def _headers(self, request: Any, codec: Codec, status: int) -> None:
@@ -269,7 +277,7 @@ class APIResource(Resource):
         request.setHeader(b"x-content-type-options", b"nosniff")
 
     def _encode(
-        self, codec: Codec, outcome: Outcome
+        self, codec: Codec, outcome: Outcome, request: Any
     ) -> Tuple[int, bytes, Optional[Dict[str, str]]]:
         status, envelope, headers = outcome
         try:
@@ -280,6 +288,7 @@ class APIResource(Resource):
                 "a method's answer cannot be encoded as {type} (correlation id {cid})",
                 type=codec.content_type.decode(),
                 cid=cid,
+                request_id=request_id_of(request),
             )
             error = InternalError(
                 {"message": "the answer could not be encoded", "correlation_id": cid}
@@ -287,7 +296,7 @@ class APIResource(Resource):
             return error.status, codec.encode({"error": error.to_json()}), None
 
     def _write(self, request: Any, codec: Codec, outcome: Outcome) -> bytes:
-        status, body, headers = self._encode(codec, outcome)
+        status, body, headers = self._encode(codec, outcome, request)
         self._headers(request, codec, status)
         if headers:
             for name, value in headers.items():
@@ -305,17 +314,27 @@ class APIResource(Resource):
             body = self._write(request, codec, outcome)
         except Exception:
             cid = self.dispatcher.next_id()
-            log.failure("writing an answer failed (correlation id {cid})", cid=cid)
+            log.failure(
+                "writing an answer failed (correlation id {cid})",
+                cid=cid,
+                request_id=request_id_of(request),
+            )
             error = InternalError({"message": "internal error", "correlation_id": cid})
             request.responseHeaders.removeHeader(b"x-twistauth-signature")
             body = self._write(request, JSON, error_envelope(error))
+        # A length, not a chunked body: one write, as for an answer made at once.
+        request.setHeader(b"content-length", b"%d" % len(body))
         request.write(body)
         request.finish()
 
-    def _gone(self, failure: Failure) -> None:
+    def _gone(self, failure: Failure, request: Any) -> None:
         """
         The client went away and the call was cancelled: nothing to answer.
         (The dispatcher turns every other failure into an envelope.)
         """
         if not failure.check(CancelledError):
-            log.failure("unexpected failure answering a call", failure=failure)
+            log.failure(
+                "unexpected failure answering a call",
+                failure=failure,
+                request_id=request_id_of(request),
+            )

@@ -18,6 +18,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
 from twistauth.errors import InternalError, MethodNotAllowedError, NotFoundError, TwistauthError
+from twistauth.observe import request_id_of
 from twistauth.web.envelope import render_error
 
 log = Logger()
@@ -58,9 +59,15 @@ def make_routes() -> Klein:
 
     @app.handle_errors(Exception)
     def unexpected(request: Any, failure: Failure) -> bytes:
-        cid = secrets.token_hex(8)
+        # The request id, when it has one, is the correlation id.
+        request_id = request_id_of(request)
+        cid = request_id or secrets.token_hex(8)
         log.failure(
-            "route {path} failed (correlation id {cid})", failure, path=request.path, cid=cid
+            "route {path} failed (correlation id {cid})",
+            failure,
+            path=request.path,
+            cid=cid,
+            request_id=request_id,
         )
         return render_error(
             request,

@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any, Callable, Dict
 
 from benchlib.harness import Scenario
-from benchlib.scenarios import cached, echo, sessions
+from benchlib.scenarios import cached, echo, sessions, workers
 
 SCENARIOS: Dict[str, Callable[[Any], Scenario]] = {
     "echo": echo.build,
     "sessions": sessions.build,
     "cached": cached.build,
+    "workers": workers.build,
 }

@@ -47,7 +47,7 @@ from benchlib.harness import (
     log,
 )
 from benchlib.scenarios._commands import expect_json, python_script, twistd
-from benchlib.wrk import WrkDriver
+from benchlib.wrk import FOLLOW, WrkDriver
 
 BODY = '{"method":"echo","parameters":{"x":1}}'
 ANSWER = {"result": {"x": 1}}
@@ -106,7 +106,8 @@ def login_cookie(server: RunningServer) -> List[str]:
 def login_twistauth(server: RunningServer) -> List[str]:
     """
     ``prepare`` for twistauth: create an account in a header-mode session
-    (an empty ``X-Twistauth-Session`` asks for one) and send its token.
+    (an empty ``X-Twistauth-Session`` asks for one) and send its token,
+    then the newest token each answer carries.
     """
     body = '{"method":"account.create","parameters":{"user_id":"bench","password":"benchbench1"}}'
     response = _post(
@@ -118,7 +119,9 @@ def login_twistauth(server: RunningServer) -> List[str]:
             f"{server.spec.name}: account.create answered {response.status} "
             f"without a {SESSION_HEADER} header"
         )
-    return [f"{SESSION_HEADER}: {token}"]
+    # Like a real header-mode client, wrk keeps the newest token it is
+    # given (a client-side session's changes when it is re-sealed).
+    return [f"{SESSION_HEADER}: {token}", f"{FOLLOW}: {SESSION_HEADER}"]
 
 
 @contextlib.contextmanager
