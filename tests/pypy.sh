@@ -33,6 +33,8 @@ if ! command -v pypy3 >/dev/null || ! pypy3 -c 'import ensurepip, venv' 2>/dev/n
     need_apt+=(pypy3 pypy3-venv)
 fi
 command -v redis-server >/dev/null || need_apt+=(redis-server)
+# PyPy's headers: argon2-cffi-bindings has no PyPy 3.9 wheel and builds.
+dpkg -s pypy3-dev >/dev/null 2>&1 || need_apt+=(pypy3-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -qq

@@ -34,6 +34,7 @@ from ops_support import (
     sample,
     start_background,
 )
+from timing_support import no_gc_pauses  # noqa: F401 (autouse fixture)
 from treq.testing import StubTreq
 from twisted.internet import reactor as global_reactor
 from twisted.internet.task import Clock, deferLater

@@ -46,6 +46,7 @@ from test_workers_processes import (
     twistd,
     wait_until,
 )
+from timing_support import no_gc_pauses  # noqa: F401 (autouse fixture)
 
 FIRST_PASSWORD = "first/Pa55word"
 SECOND_PASSWORD = "second/Pa55word"
@@ -213,14 +214,17 @@ def test_hung_redis_across_machines(machines: Machines) -> None:
             status, _, took = get(port, "/healthz")
             assert status == 200 and took < 0.2, (status, took)
         # Then at once: each server has given up on the hung connection.
+        # (Three fast calls in a row: the calls pending when the watchdog
+        # drops the stalled connection fail at once too, but the next ones
+        # wait for the new connection's handshake, up to REDIS_TIMEOUT.)
         fast_after = []
         for client in (a, b):
-            while True:
+            fast = 0
+            while fast < 3:
                 answer, took = session_info_timed(client, token)
                 assert answer["error"]["code"] == 50335, answer
                 assert took < REDIS_TIMEOUT + 0.5, took
-                if took < AT_ONCE:
-                    break
+                fast = fast + 1 if took < AT_ONCE else 0
                 assert time.monotonic() - stopped < 12, "calls never failed fast"
             fast_after.append(time.monotonic() - stopped)
         timings = [session_info_timed(client, token)[1] for client in (a, b) for _ in range(10)]
@@ -267,11 +271,11 @@ def test_changed_password_across_machines(machines: Machines) -> None:
     machines.password = SECOND_PASSWORD
     restarted = time.monotonic()
     for client in (a, b):
-        while True:  # the first call may meet the connection Redis closed
+        fast = 0
+        while fast < 3:  # the first calls may meet the connection Redis closed
             answer, took = session_info_timed(client, token)
             assert answer["error"]["code"] == 50335, answer
-            if took < AT_ONCE:
-                break
+            fast = fast + 1 if took < AT_ONCE else 0
             assert time.monotonic() - restarted < 5
     timings = [session_info_timed(client, token)[1] for client in (a, b) for _ in range(10)]
     assert at_once(timings), timings

@@ -44,6 +44,7 @@ import treq
 import txredisapi
 from conftest import RedisServer, free_port, wait_for_port
 from test_sessions_support import capture_logs
+from timing_support import no_gc_pauses  # noqa: F401 (autouse fixture)
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase

@@ -228,11 +228,17 @@ class _Handler(txredisapi.ConnectionHandler):
     txredisapi's connection handler, whose command wrappers name their
     factory (``connection.get._twistauth_factory``): `twistauth.redisconn.call`
     finds the connection's error listener through it.
+
+    Each command's wrapper is made once and kept: txredisapi's hold no
+    per-call state, and ``connection.get`` is then a plain attribute (about
+    30 ns instead of 0.5 µs for a new wrapper per call).
     """
 
     def __getattr__(self, method: str) -> Any:
         wrapper = txredisapi.ConnectionHandler.__getattr__(self, method)
         wrapper._twistauth_factory = self._factory
+        if not method.startswith("_"):  # (not probes such as __deepcopy__)
+            self.__dict__[method] = wrapper
         return wrapper
 
 

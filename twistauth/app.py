@@ -367,11 +367,7 @@ def make_bus(settings: Settings, reactor: Any, redis: RedisConnections) -> Any:
         return MemoryBus(clock=reactor)
     from twistauth.bus.redis_bus import RedisBus
 
-    log.info(
-        "twistauth: bus: Redis at {address}, {mode} subscription",
-        address=redisconn.parse_url(shared).redacted(),
-        mode=settings.bus_mode,
-    )
+    # (RedisBus.start logs where it connects and how it subscribes)
     return RedisBus(
         url=shared,
         key=settings.deployment_key,  # type: ignore[arg-type]

@@ -54,13 +54,11 @@ class GuardedRequest(Request):
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
-        site: TwistauthSite = channel.site
-        now = site.clock.seconds()
         # The deadline runs from the request's first byte, which came before
-        # its request line was complete (and this object was made).
-        started = channel.request_started() if hasattr(channel, "request_started") else now
-        remaining = max(0.0, started + site.request_timeout - now)
-        self._deadline = site.clock.callLater(remaining, self._too_slow)
+        # its request line was complete (and this object was made); the
+        # channel keeps it (a plain request made outside one has none).
+        if isinstance(channel, GuardedChannel):
+            channel.request_arriving(self)
 
     def gotLength(self, length: Optional[int]) -> None:
         site: TwistauthSite = self.channel.site  # type: ignore[attr-defined]
@@ -86,18 +84,20 @@ class GuardedRequest(Request):
         self.content.write(data)  # type: ignore[union-attr]
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self._deadline.active():
-            self._deadline.cancel()
+        self._arrived()
         if self._rejected:
             return
         super().requestReceived(command, path, version)
 
-    def connectionLost(self, reason: Any) -> None:
-        if self._deadline.active():
-            self._deadline.cancel()
-        super().connectionLost(reason)
+    def _arrived(self) -> None:
+        channel = self.channel
+        if isinstance(channel, GuardedChannel):
+            channel.request_arrived(self)
 
-    def _too_slow(self) -> None:
+    def too_slow(self) -> None:
+        """
+        The request's deadline passed before it arrived whole: answer 408.
+        """
         self._reject(RequestTimeoutError("the request's headers and body did not arrive in time"))
 
     def _reject(self, error: TwistauthError) -> None:
@@ -108,8 +108,7 @@ class GuardedRequest(Request):
         if self._rejected:
             return
         self._rejected = True
-        if self._deadline.active():
-            self._deadline.cancel()
+        self._arrived()
         # Refused at header time: no "100 Continue" may follow the answer.
         self.requestHeaders.removeHeader(b"expect")
         _refuse(self.channel, error)
@@ -143,33 +142,65 @@ class GuardedChannel(HTTPChannel):
     """
 
     _counted_host: Optional[str] = None
-    _first_byte: Optional[IDelayedCall] = None
-    _first_byte_at: float = 0.0
+    _deadline_at: Optional[float] = None
+    _started_at: float = 0.0
+    _arriving: Optional[GuardedRequest] = None
+    _timer: Optional[IDelayedCall] = None
+
+    # One lazy timer per connection enforces every request's deadline: a
+    # request only records when its deadline is (no timer is made or
+    # cancelled per request); when the timer fires it refuses a request
+    # past its deadline, or waits again for the deadline of the request
+    # arriving now, or stops when none is.  The deadline is as exact as
+    # with a timer per request.
 
     def dataReceived(self, data: bytes) -> None:
-        if not self.requests and self._first_byte is None:
+        if not self.requests and self._deadline_at is None:
             # The first byte of a request: its deadline starts now, even
             # though the request line may trickle in for a while.
-            clock = self.site.clock
-            self._first_byte_at = clock.seconds()
-            self._first_byte = clock.callLater(self.site.request_timeout, self._too_slow)
+            self._started_at = now = self.site.clock.seconds()
+            self._expect(now + self.site.request_timeout)
         super().dataReceived(data)
 
-    def request_started(self) -> float:
+    def request_arriving(self, request: GuardedRequest) -> None:
         """
-        When the request whose line just arrived began; its `GuardedRequest`
-        takes over the deadline from here.
+        ``request``'s line has arrived: its deadline runs from its first
+        byte (or from now, when it came behind another request).
         """
-        if self._first_byte is None:
-            return self.site.clock.seconds()
-        if self._first_byte.active():
-            self._first_byte.cancel()
-        self._first_byte = None
-        return self._first_byte_at
+        if self._deadline_at is None:
+            self._started_at = self.site.clock.seconds()
+        self._arriving = request
+        self._expect(self._started_at + self.site.request_timeout)
 
-    def _too_slow(self) -> None:
-        self._first_byte = None
-        _refuse(self, RequestTimeoutError("the request line did not arrive in time"))
+    def request_arrived(self, request: GuardedRequest) -> None:
+        """
+        ``request`` has arrived whole (or was refused): no deadline now.
+        """
+        if self._arriving is request:
+            self._arriving = None
+        self._deadline_at = None
+
+    def _expect(self, deadline: float) -> None:
+        self._deadline_at = deadline
+        if self._timer is None:
+            clock = self.site.clock
+            self._timer = clock.callLater(max(0.0, deadline - clock.seconds()), self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        deadline = self._deadline_at
+        if deadline is None:
+            return
+        remaining = deadline - self.site.clock.seconds()
+        if remaining > 0:
+            self._timer = self.site.clock.callLater(remaining, self._check)
+            return
+        self._deadline_at = None
+        arriving, self._arriving = self._arriving, None
+        if arriving is not None:
+            arriving.too_slow()
+        else:
+            _refuse(self, RequestTimeoutError("the request line did not arrive in time"))
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -179,9 +210,11 @@ class GuardedChannel(HTTPChannel):
     site: TwistauthSite
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._first_byte is not None and self._first_byte.active():
-            self._first_byte.cancel()
-        self._first_byte = None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._deadline_at = None
+        self._arriving = None
         self.site.channel_closed(self)
         super().connectionLost(reason)
         waiting, self._on_close = self._on_close, []

@@ -20,9 +20,11 @@ So the two-worker rows answer "what does a second worker buy on this
 machine, load generator included", and the table says how much CPU each
 server and ``wrk`` used.  ``twistauth-cpus-0-1`` is the single process
 allowed both CPUs too: the Linux scheduler then often wakes it on
-``wrk``'s CPU (the two talk over loopback), which costs it 15-25%
-against the pinned process, so a single process on both CPUs is not its
-fair baseline.
+``wrk``'s CPU (the two talk over loopback), where they compete while the
+other CPU idles (the bare floor lost about a fifth of its req/s so in a
+quiet quick run), so it is not the single process's fair baseline; on a
+busy machine it may still come out ahead, as it can move away from other
+work on the server CPU.
 
 **The split between workers.**  For a server with several workers each
 sample also records, per worker: the keep-alive connections it holds
