@@ -1009,7 +1009,8 @@ class Settings:
         2.0,
         _float_kind(0.05, 60),
         "Seconds each /readyz check (Redis PING, user store, bus) may take before it "
-        "counts as failed (Redis checks: at most redis_timeout).",
+        "counts as failed (a Redis PING gets min(readiness_timeout, redis_timeout), and "
+        "its check 10% more, so the PING's own deadline fires first).",
     )
     request_id_trust_header: bool = setting(
         False,
