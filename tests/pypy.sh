@@ -73,6 +73,10 @@ SUBSET=(
     # operations: worker processes, graceful stop, reload
     tests/test_workers.py tests/test_workers_processes.py
     tests/test_reload.py tests/test_reload_processes.py tests/test_tap.py
+    # operations: logging, metrics, health, Redis faults, several machines
+    tests/test_app_observe.py tests/test_app_health.py tests/test_ops_processes.py
+    tests/test_redis_faults.py tests/test_sentinel.py tests/test_machines.py
+    tests/test_bench.py
     # everything else that is quick
     tests/test_errors.py tests/test_site.py tests/test_smoke.py
     tests/test_access.py tests/test_access_rules.py
