@@ -70,6 +70,20 @@ def first_line(value: object, secret: Optional[str] = None) -> str:
     return text[:200]
 
 
+def role_name(reply: Any) -> Optional[str]:
+    """
+    The role (``"master"``, ``"slave"``, ...) in a ``ROLE`` reply.
+
+    :raises Exception: the reply is an error.
+    """
+    if isinstance(reply, Exception):
+        raise reply
+    name = reply[0] if reply else None
+    if isinstance(name, bytes):
+        name = name.decode("ascii", "replace")
+    return None if name is None else str(name)
+
+
 def describe_connect_failure(failure: Failure, timeout: float) -> str:
     """
     Why a connection attempt failed, briefly.

@@ -36,7 +36,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twistauth._redisendpoint import RedisEndpoint, first_line
+from twistauth._redisendpoint import RedisEndpoint, first_line, role_name
 from twistauth.redisconn import (
     AUTH_FAILED,
     REFUSED,
@@ -122,12 +122,7 @@ class _Protocol(txredisapi.RedisProtocol):
                 raise self._refusal(e, f"database {address.db} refused", REFUSED) from None
         try:
             if self.factory.expect_master:
-                role = await self.role()
-                if isinstance(role, Exception):
-                    raise role
-                name = role[0] if role else None
-                if isinstance(name, bytes):
-                    name = name.decode("ascii", "replace")
+                name = role_name(await self.role())
                 if name != "master":
                     raise _HandshakeError(
                         UNAVAILABLE, f"the server Sentinel named is a {name}, not the master"

@@ -57,7 +57,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twistauth import redisconn
-from twistauth._redisendpoint import first_line
+from twistauth._redisendpoint import first_line, role_name
 from twistauth.redisconn import RedisAddress
 
 log = Logger()
@@ -400,12 +400,7 @@ class Subscriber:
                 if isinstance(reply, Exception):
                     raise reply
             if address.sentinel:
-                role = await self._deadline(maybeDeferred(protocol.role))
-                if isinstance(role, Exception):
-                    raise role
-                name = role[0] if role else None
-                if isinstance(name, bytes):
-                    name = name.decode("ascii", "replace")
+                name = role_name(await self._deadline(maybeDeferred(protocol.role)))
                 if name != "master":
                     raise _Refused(f"the server Sentinel named is a {name}, not the master")
         except txredisapi.ResponseError as e:
