@@ -122,6 +122,35 @@ POST_HEAD = b"POST /api HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\
 
 
 class NormalRequestTests(_Base):
+    def test_session_call_answered_in_the_same_call(self) -> None:
+        """
+        A call whose session needs no I/O (the memory cache) is answered
+        within the bytes that complete it, with a ``Content-Length`` rather
+        than a chunked body; the header-mode session headers come with it.
+        """
+        sessions = self.app.services.sessions
+        assert sessions is not None
+        session = self.successResultOf(sessions.create())
+        session.log_in("alice", now=self.clock.seconds())
+        token = self.successResultOf(sessions.save(session))
+        assert token is not None
+        protocol = self.connect()
+        body = b'{"method":"record","parameters":{"x":1}}'
+        protocol.dataReceived(
+            POST_HEAD
+            + b"X-Twistauth-Session: %s\r\nContent-Length: %d\r\n\r\n%s"
+            % (token.encode(), len(body), body)
+        )
+        head, _, rest = protocol.test_transport.value().partition(b"\r\n\r\n")
+        lines = head.lower().split(b"\r\n")
+        self.assertEqual(lines[0], b"http/1.1 200 ok")
+        self.assertIn(b"content-length: %d" % len(rest), lines)
+        self.assertNotIn(b"transfer-encoding: chunked", lines)
+        self.assertIn(b"x-twistauth-session: " + token.lower().encode(), lines)
+        self.assertEqual(json.loads(rest), {"result": "recorded"})
+        self.assertEqual(self.ran, [{"x": 1}])
+        self.assertNothingLeft(protocol)
+
     def test_request_and_keep_alive(self) -> None:
         """
         Requests are answered, the connection is kept, and each request's
