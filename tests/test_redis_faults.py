@@ -499,8 +499,14 @@ class Blackhole:
 
 @pytest.fixture
 def blackhole() -> Iterator[Blackhole]:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("dropping packets needs root and iproute2 (ip netns, veth)")
+    # iproute2 comes from tests/setup.sh, so a missing `ip` fails here.
+    # Network namespaces need root: CI runs as root and must run this; a
+    # developer's unprivileged run is told why it did not.
+    assert shutil.which("ip") is not None, "iproute2 is missing: run bash tests/setup.sh"
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("dropping packets needs root (ip netns, veth); CI must run as root")
+        pytest.skip("dropping packets needs root (ip netns, veth); CI runs it as root")
     hole = Blackhole()
     try:
         hole.start()
