@@ -6,9 +6,10 @@ Command lines shared by scenarios: a Python server script, and ``twistd``
 from __future__ import annotations
 
 import json
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Type, TypeVar
 
 from benchlib.harness import SERVERS, Context
+from benchlib.wrk import WrkDriver
 
 
 def python_script(context: Context, script: str, *args: str) -> List[str]:
@@ -61,3 +62,26 @@ def expect_json(
         return None
 
     return expect
+
+
+D = TypeVar("D", bound=WrkDriver)
+
+
+def api_driver(cls: Type[D], options: Any, body: str, answer: object, **extra: Any) -> D:
+    """
+    A ``cls`` driver (a `WrkDriver`) that POSTs the JSON ``body`` to
+    ``/api`` and expects the JSON ``answer``, with the command line's
+    connection, thread, core and niceness options; ``extra`` fields on top.
+    """
+    return cls(
+        path="/api",
+        method="POST",
+        body=body,
+        headers=["Content-Type: application/json"],
+        expect=expect_json(answer),
+        connections=options.connections,
+        threads=options.threads,
+        client_core=options.client_core,
+        nice=options.nice,
+        **extra,
+    )

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from benchlib.harness import SERVERS, Context, RunningServer, Scenario, ServerSpec
-from benchlib.scenarios._commands import expect_json, python_script, twistd
+from benchlib.scenarios._commands import api_driver, python_script, twistd
 from benchlib.wrk import Expect, WrkDriver
 
 ECHO = '{"method":"echo","parameters":{"x":1}}'
@@ -113,16 +113,11 @@ def build(options: Any) -> Scenario:
             env=_env,
         ),
     ]
-    driver = PerServerWrkDriver(
-        path="/api",
-        method="POST",
-        body=ECHO,
-        headers=["Content-Type: application/json"],
-        expect=expect_json({"result": {"x": 1}}),
-        connections=options.connections,
-        threads=options.threads,
-        client_core=options.client_core,
-        nice=options.nice,
+    driver = api_driver(
+        PerServerWrkDriver,
+        options,
+        ECHO,
+        {"result": {"x": 1}},
         bodies={"twistauth-work": WORK, "twistauth-work-cached": WORK_CACHED},
         expects={"twistauth-work": expect_digest, "twistauth-work-cached": expect_digest},
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from benchlib.harness import Scenario, ServerSpec
-from benchlib.scenarios._commands import expect_json, python_script, twistd
+from benchlib.scenarios._commands import api_driver, python_script, twistd
 from benchlib.wrk import WrkDriver
 
 BODY = '{"method":"echo","parameters":{"x":1}}'
@@ -132,17 +132,7 @@ def build(options: Any) -> Scenario:
         title="JSON-method echo",
         servers=list(SERVER_SPECS),
         floor=FLOOR,
-        driver=WrkDriver(
-            path="/api",
-            method="POST",
-            body=BODY,
-            headers=["Content-Type: application/json"],
-            expect=expect_json(ANSWER),
-            connections=options.connections,
-            threads=options.threads,
-            client_core=options.client_core,
-            nice=options.nice,
-        ),
+        driver=api_driver(WrkDriver, options, BODY, ANSWER),
         notes=[
             "twistauth targets >= 0.9x the floor (issue 2)",
             "differences under ~15% are noise on this machine",

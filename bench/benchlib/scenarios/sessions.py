@@ -46,7 +46,7 @@ from benchlib.harness import (
     free_port,
     log,
 )
-from benchlib.scenarios._commands import expect_json, python_script, twistd
+from benchlib.scenarios._commands import api_driver, python_script, twistd
 from benchlib.wrk import FOLLOW, WrkDriver
 
 BODY = '{"method":"echo","parameters":{"x":1}}'
@@ -336,17 +336,7 @@ def build(options: Any) -> Scenario:
             prepare=login_cookie,
         ),
     ]
-    driver = PairedWrkDriver(
-        path="/api",
-        method="POST",
-        body=BODY,
-        headers=["Content-Type: application/json"],
-        expect=expect_json(ANSWER),
-        connections=options.connections,
-        threads=options.threads,
-        client_core=options.client_core,
-        nice=options.nice,
-    )
+    driver = api_driver(PairedWrkDriver, options, BODY, ANSWER)
     notes = RatioNotes(
         driver,
         COUNTERPARTS,

@@ -63,7 +63,7 @@ from benchlib.harness import (
     ServerSpec,
     process_cpu_seconds,
 )
-from benchlib.scenarios._commands import expect_json, python_script, twistd
+from benchlib.scenarios._commands import api_driver, python_script, twistd
 from benchlib.scenarios.sessions import redis_server
 from benchlib.wrk import WrkDriver
 
@@ -490,17 +490,7 @@ def build(options: Any) -> Scenario:
             default=False,
         ),
     ]
-    driver = SplitWrkDriver(
-        path="/api",
-        method="POST",
-        body=BODY,
-        headers=["Content-Type: application/json"],
-        expect=expect_json(ANSWER),
-        connections=options.connections,
-        threads=options.threads,
-        client_core=options.client_core,
-        nice=options.nice,
-    )
+    driver = api_driver(SplitWrkDriver, options, BODY, ANSWER)
     notes = SplitNotes(
         driver,
         [
