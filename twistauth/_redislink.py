@@ -363,12 +363,29 @@ class _Factory(txredisapi.RedisFactory):
             if conn.transport is not None:
                 conn.transport.abortConnection()
 
+    def master_changed(self) -> None:
+        """
+        Sentinel names another master: drop the connections to the old one,
+        and try the new one now in every slot that was waiting out a
+        backoff (it began while the old master was down, and would keep the
+        pool failing fast for seconds after the new one is up).
+        """
+        self.drop_connections()
+        for slot in self.slots:
+            if slot.protocol is None and slot.reconnect:
+                slot.service.stopService().addCallback(_restart, slot)
+
     def disconnect(self) -> defer.Deferred[Any]:
         self.health.closed()
         closing = [super().disconnect()]
         if self.endpoint is not None:
             closing.append(self.endpoint.close())
         return defer.gatherResults(closing, consumeErrors=True)
+
+
+def _restart(_: Any, slot: Any) -> None:
+    if slot.reconnect:  # not stopped for good meanwhile
+        slot.service.startService()
 
 
 def make_factory(
@@ -396,7 +413,7 @@ def make_factory(
     )
     endpoint = RedisEndpoint(address, reactor=reactor, connect_timeout=connect_timeout)
     endpoint.on_failure = lambda reason: factory.attempt_failed(UNAVAILABLE, reason)
-    endpoint.on_master_changed = factory.drop_connections
+    endpoint.on_master_changed = factory.master_changed
     endpoint.on_failover = factory.failing_over
     factory.endpoint = endpoint
     factory.startConnecting(endpoint)

@@ -499,9 +499,17 @@ class Subscriber:
 
     def _master_changed(self) -> None:
         """
-        Sentinel names another master: subscribe there.
+        Sentinel names another master: subscribe there, now, even when a
+        retry was waiting out a backoff begun while the old one was down.
         """
         self._leave_master()
+        service = self._service
+        if service is not None and self._protocol is None and self._handshaking is None:
+            service.stopService().addCallback(self._restart, service)
+
+    def _restart(self, _: Any, service: ClientService) -> None:
+        if service is self._service and not self._stopping:
+            service.startService()
 
     def _leave_master(self) -> None:
         for protocol in (self._protocol, self._handshaking):
