@@ -100,6 +100,7 @@ def _twistauth(cache: str) -> Tuple[Any, List[Tuple[str, str]]]:
     )
     for service in app.background:
         service.startService()
+    _STARTED.extend(app.background)
     site = app.site()
     # Log in as the bench does: account.create in a header-mode session.
     connection = Connection(site)
@@ -162,6 +163,10 @@ COUNTERPARTS = {
 
 _TOKEN = b"\r\nX-Twistauth-Session: "
 
+_STARTED: List[Any] = []
+"""The apps' background services, stopped at the end (the password hasher's
+threads would otherwise keep the process from exiting)."""
+
 
 def measure(site: Any, headers: List[Tuple[str, str]], count: int) -> float:
     """
@@ -221,6 +226,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             profiler.runcall(measure, site, headers, options.count)
             print(f"\n== {name}")
             pstats.Stats(profiler).sort_stats(options.sort).print_stats(options.lines)
+    for service in reversed(_STARTED):
+        service.stopService()
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ The in-process session cache: the embedded default.
 Sessions live in a dict in this process, so this cache is only for a
 deployment of one process (the composition root refuses more).  It keeps
 the same rules as the Redis cache, so code tested against it behaves the
-same there: state is stored as JSON (a value that is not JSON-serialisable
-fails here too), a save stores only the keys that changed, a save after a
+same there: state goes through JSON on save (a value that is not
+JSON-serialisable fails here too, and a tuple reads back as a list), a save stores only the keys that changed, a save after a
 delete is dropped, and expiry is measured on the injected clock.
 
 The number of sessions is bounded: past ``max_entries`` the least recently
@@ -30,6 +30,7 @@ from zope.interface import implementer
 from twistauth.sessions._common import (
     FIELD_NAMES,
     Timeouts,
+    copy_json,
     dump_value,
     is_session_id,
     load_session,
@@ -45,17 +46,28 @@ _SWEEP = 4
 @attr.s(slots=True)
 class _Record:
     """
-    One stored session: its own fields as immutable values (read on every
-    load, so kept decoded), and its state with each value as JSON text (a
-    load decodes copies, so a loaded session never aliases the store).
+    One stored session: its own fields as immutable values, and its state
+    with each value as it decodes from the JSON it was checked as on save
+    (so a value reads back as it would from Redis: tuples as lists, and so
+    on).  Both are read on every load, so both are kept decoded; a load
+    copies the state (`copy_json`), so a loaded session never aliases the
+    store.
     """
 
     fields: Dict[str, Any] = attr.ib()
-    data: Dict[str, str] = attr.ib()
+    data: Dict[str, Any] = attr.ib()
     version: int = attr.ib()
 
     def value(self, name: str) -> Any:
         return self.fields[name]
+
+
+def _stored(key: str, value: Any) -> Any:
+    """
+    A state value as the record keeps it: checked as JSON (`dump_value`
+    refuses what the Redis cache could not store) and decoded again.
+    """
+    return json.loads(dump_value(key, value))
 
 
 def _field_values(session: Session) -> Dict[str, Any]:
@@ -125,7 +137,7 @@ class MemorySessionCache:
         session = load_session(
             token,
             record.fields,
-            {key: json.loads(text) for key, text in data.items()} if data else {},
+            {key: copy_json(value) for key, value in data.items()} if data else {},
             record.version,
         )
         return succeed(session)
@@ -201,14 +213,14 @@ class MemorySessionCache:
         or when they changed, else just ``last_seen``; only the changed keys
         of the state.
         """
-        changes = {key: dump_value(key, value) for key, value in session.changes().items()}
+        changes = {key: _stored(key, value) for key, value in session.changes().items()}
         session.last_seen = now
         if record.version == 0 or session.fields_changed():
             record.fields.update(_field_values(session))
         else:
             record.fields["last_seen"] = now
         if record.version == 0:
-            record.data = {key: dump_value(key, session[key]) for key in session}
+            record.data = {key: _stored(key, session[key]) for key in session}
         else:
             record.data.update(changes)
             for key in session.deleted_keys():
