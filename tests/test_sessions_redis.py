@@ -1,7 +1,8 @@
 """
 What only the Redis session cache does, against a real private
 redis-server: the TTLs it sets (and one that expires for real), lazy
-touches that cost no write, the index sets, two processes saving at once
+touches that cost no write, the index sets, scripts Redis forgot and
+answers that come too late, two processes saving at once
 (the session part of fault test R6), and outages (R2; R3's hung server):
 stopped, hung and restarted Redis fail calls fast with a 503 and, with a
 Redis that keeps its data, log nobody out.
@@ -234,6 +235,70 @@ async def test_delete_removes_the_index_entries(conn: Any, clock: Clock) -> None
     await cache.save(session)
     await cache.delete(session)
     assert await conn.dbsize() == 0
+
+
+# -- scripts -------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_scripts_redis_forgot_are_loaded_again(conn: Any, clock: Clock) -> None:
+    """
+    Redis restarted without its scripts, or ``SCRIPT FLUSH``: every call
+    loads its script again, transparently (no error, none reported).
+    """
+    kinds: List[str] = []
+    redisconn.set_error_listener(conn, kinds.append)
+    cache = _cache(conn, clock)
+    token = await _new(cache, "ann", a=1)
+    for turn in range(2):
+        await conn.execute_command("SCRIPT", "FLUSH")
+        session = await cache.load(token)
+        assert session["a"] == 1 + turn
+        await conn.execute_command("SCRIPT", "FLUSH")
+        session["a"] += 1
+        assert await cache.save(session) == token
+    await conn.execute_command("SCRIPT", "FLUSH")
+    other = await _new(cache, "ann")
+    await conn.execute_command("SCRIPT", "FLUSH")
+    assert await cache.delete_user("ann") == 2
+    assert await cache.load(token) is None and await cache.load(other) is None
+    assert kinds == []
+    assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_load_past_its_deadline_answers_nobody(
+    redis_server: RedisServer, conn: Any, clock: Clock
+) -> None:
+    """
+    A load that gets no answer (Redis hung) fails with a 503 at exactly its
+    deadline on the clock; once Redis answers again, the late answer goes
+    to nobody: the next load gets its own session, not the other one.
+    """
+    kinds: List[str] = []
+    redisconn.set_error_listener(conn, kinds.append)
+    cache = _cache(conn, clock, call_timeout=2.0)
+    ann = await _new(cache, "ann", who="ann")
+    bob = await _new(cache, "bob", who="bob")
+    process = redis_server.process
+    assert process is not None
+    process.send_signal(signal.SIGSTOP)
+    try:
+        late = cache.load(ann)
+        clock.advance(1.5)
+        assert not late.called
+        clock.advance(0.5)
+        with pytest.raises(SessionStoreUnavailableError, match="did not answer within 2 s"):
+            await late
+        assert clock.getDelayedCalls() == []
+        following = cache.load(bob)
+    finally:
+        process.send_signal(signal.SIGCONT)
+    session = await following
+    assert session.user_id == "bob" and session["who"] == "bob"
+    assert (await cache.load(ann))["who"] == "ann"
+    assert kinds == ["timeout"]
+    assert clock.getDelayedCalls() == []
 
 
 # -- two processes -------------------------------------------------------

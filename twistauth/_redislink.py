@@ -29,7 +29,7 @@ reactor): `twistauth.redisconn` imports it only when a connection is made.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import txredisapi
 from twisted.internet import defer
@@ -43,6 +43,7 @@ from twistauth.redisconn import (
     UNAVAILABLE,
     LinkHealth,
     RedisAddress,
+    _Deadlines,
 )
 
 log = Logger()
@@ -168,13 +169,50 @@ class _Protocol(txredisapi.RedisProtocol):
         idle = not self.replyQueue.waiting
         d = txredisapi.RedisProtocol.execute_command(self, *args, **kwargs)
         if self._ready:
-            if idle:
-                self._progress = self.factory.clock.seconds()  # silence starts now
-            if self._stall is None:
-                self._stall = self.factory.clock.callLater(
-                    self.factory.reply_timeout, self._stalled
-                )
+            self._watch(idle)
         return d
+
+    def send_encoded(self, command: bytes) -> defer.Deferred[Any]:
+        """
+        Send one command already encoded in RESP (``command`` is its whole
+        ``*<n>`` array) and answer its reply.
+
+        The lean path of `twistauth.redisconn.run_script`: txredisapi's
+        `execute_command` encodes every argument generically and chains two
+        more Deferreds and three callbacks to each reply; here the caller
+        encodes (a script's ``EVALSHA`` prefix is encoded once) and gets the
+        reply queue's own Deferred.  Replies stay in order with the
+        commands txredisapi sends on this connection: both wait in the same
+        ``replyQueue``.  The connection must be one txredisapi would hand
+        out for a non-blocking command (in the pool: not in a transaction
+        or a pipeline, whose commands txredisapi buffers or counts).
+
+        :return: Deferred firing with the reply, or failing with it when
+            Redis answered with an error (as txredisapi's commands do).  A
+            caller that gives up on it must leave it in place (its reply
+            is the next one to come) and ignore its result.
+        :raises txredisapi.ConnectionError: the connection is closed.
+        """
+        if not self.connected:
+            raise txredisapi.ConnectionError("Not connected")
+        queue = self.replyQueue
+        idle = not queue.waiting
+        self.transport.write(command)
+        d: defer.Deferred[Any] = queue.get()
+        d.addCallback(self.handle_reply)
+        if self._ready:
+            self._watch(idle)
+        return d
+
+    def _watch(self, idle: bool) -> None:
+        """
+        A command was sent: start the watch if none is running, and count
+        the silence from now if nothing else was awaited (``idle``).
+        """
+        if idle:
+            self._progress = self.factory.clock.seconds()  # silence starts now
+        if self._stall is None:
+            self._stall = self.factory.clock.callLater(self.factory.reply_timeout, self._stalled)
 
     def _stalled(self) -> None:
         self._stall = None
@@ -187,8 +225,7 @@ class _Protocol(txredisapi.RedisProtocol):
             )
             return
         log.warn(
-            "twistauth: Redis at {address}: no answer for {seconds:g} s; dropping the "
-            "connection",
+            "twistauth: Redis at {address}: no answer for {seconds:g} s; dropping the connection",
             address=self.factory.address.redacted(),
             seconds=self.factory.reply_timeout,
         )
@@ -282,8 +319,11 @@ class _Factory(txredisapi.RedisFactory):
         self.initialDelay = min(0.5, max_retry_delay)
         self.endpoint: Optional[RedisEndpoint] = None
         #: Called with a short kind for every failed `twistauth.redisconn.call`
-        #: (`twistauth.redisconn.set_error_listener`).
+        #: and `twistauth.redisconn.run_script` (`twistauth.redisconn.set_error_listener`).
         self.error_listener: Optional[Callable[[str], None]] = None
+        #: The deadlines of the `twistauth.redisconn.run_script` calls on
+        #: this pool, by the clock they run on (one lazy timer per clock).
+        self.script_deadlines: Dict[Any, _Deadlines] = {}
 
     def retryDelay(self, attempt: int) -> float:
         """
@@ -380,7 +420,16 @@ class _Factory(txredisapi.RedisFactory):
         closing = [super().disconnect()]
         if self.endpoint is not None:
             closing.append(self.endpoint.close())
-        return defer.gatherResults(closing, consumeErrors=True)
+        d = defer.gatherResults(closing, consumeErrors=True)
+        d.addBoth(self._closed)
+        return d
+
+    def _closed(self, result: Any) -> Any:
+        # Every connection is closed, so every script call has failed: no
+        # deadline timer may outlive the pool (on a test's reactor either).
+        for deadlines in self.script_deadlines.values():
+            deadlines.stop()
+        return result
 
 
 def _restart(_: Any, slot: Any) -> None:

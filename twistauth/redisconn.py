@@ -2,7 +2,7 @@
 Redis connections, made one way for every room that uses Redis (sessions,
 the bus, stores).
 
-Four things, each easy to get wrong with txredisapi:
+Five things, each easy to get wrong with txredisapi:
 
 - `parse_url` reads ``redis://[[user]:password@]host[:port][/db]`` and
   ``redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/service_name[/db]``
@@ -28,28 +28,49 @@ Four things, each easy to get wrong with txredisapi:
   data".  While a connection is known to be down (its last attempt failed,
   or the password was refused) calls fail at once; while it is merely
   (re)connecting they wait, at most ``timeout`` seconds.
+- `run_script` runs a Lua `Script` with the same contract as `call`, for
+  a fraction of the CPU: txredisapi spends about six Deferreds, fifteen
+  callbacks, a timer, a SHA1 of the source and a generic encoding of every
+  argument on each ``eval``; a script's ``EVALSHA`` prefix is encoded
+  once, the command goes straight to a pooled connection, and one lazy
+  timer per connection keeps every call's deadline.
 - `health` and `probe` say how a connection is doing: `LinkHealth` for the
   state and its reason, `probe` (``PING`` with a deadline) for readiness,
   failing with `RedisUnhealthy` named ``redis_auth_failed`` when the server
   refused the password.  `set_error_listener` gives a connection a
-  callable that `call` tells of every failed call, by kind (the app counts
-  them in ``redis_errors_total``).
+  callable that `call` and `run_script` tell of every failed call, by kind
+  (the app counts them in ``redis_errors_total``).
 
 txredisapi is imported only when a connection is made or a call fails:
 importing it installs the default reactor, which must not happen when this
 module is merely imported (``twistd --reactor=...``).  txredisapi has no
-clock injection (it uses the global reactor internally); `call` and `probe`
-take the clock their deadline runs on.
+clock injection (it uses the global reactor internally); `call`,
+`run_script` and `probe` take the clock their deadline runs on.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Tuple, Type, Union
+import hashlib
+import random
+from collections import deque
+from typing import (
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    Iterable,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    Union,
+)
 from urllib.parse import unquote
 
 import attr
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -264,7 +285,8 @@ def connect(
         deadline; the global reactor by default (txredisapi's own timers
         always run on it).
     :return: the txredisapi connection handler: call Redis commands on it
-        through `call`, close it with `disconnect`.
+        through `call` (Lua scripts through `run_script`), close it with
+        `disconnect`.
     """
     if isinstance(address, str):
         address = parse_url(address)
@@ -402,8 +424,7 @@ class LinkHealth:
             return
         if self._down_since is not None:
             _log.info(
-                "twistauth: Redis at {address}: connected again after {seconds:.1f} s "
-                "(was {was})",
+                "twistauth: Redis at {address}: connected again after {seconds:.1f} s (was {was})",
                 address=self.address.redacted(),
                 seconds=self.clock.seconds() - self._down_since,
                 was=was,
@@ -509,14 +530,15 @@ def health(connection: Any) -> LinkHealth:
     return found
 
 
-#: The kinds of failed calls `call` reports to an error listener.
+#: The kinds of failed calls `call` and `run_script` report to an error
+#: listener.
 ERROR_KINDS = ("timeout", "unavailable", "auth_failed", "refused", "closed", "error")
 
 
 def set_error_listener(connection: Any, listener: Optional[Callable[[str], None]]) -> None:
     """
-    Have `call` tell ``listener`` of every call on ``connection`` that
-    fails, with its kind (one of `ERROR_KINDS`): ``timeout`` (no answer
+    Have `call` and `run_script` tell ``listener`` of every call on
+    ``connection`` that fails, with its kind (one of `ERROR_KINDS`): ``timeout`` (no answer
     within the call's deadline), ``unavailable`` (down, unreachable,
     loading, read-only...), ``auth_failed`` (the password is refused),
     ``refused`` (the database is), ``closed`` (after `disconnect`), or
@@ -524,7 +546,8 @@ def set_error_listener(connection: Any, listener: Optional[Callable[[str], None]
     is not reported.  One listener per connection; ``None`` removes it.
 
     Only calls made through `call` with one of the connection's commands
-    (``connection.get``, ``connection.execute_command``...) are reported.
+    (``connection.get``, ``connection.execute_command``...) and through
+    `run_script` are reported.
 
     :raises TypeError: ``connection`` was not made by `connect`.
     """
@@ -552,13 +575,23 @@ def _report_error(function: Any, failure: Failure) -> None:
     Tell the error listener of ``function``'s connection (if any) that a
     call failed.
     """
-    factory = getattr(function, "_twistauth_factory", None)
+    _report_failure(getattr(function, "_twistauth_factory", None), failure)
+
+
+def _report_failure(factory: Any, failure: Failure) -> None:
+    """
+    Tell the error listener of ``factory``'s connection (if any) that a
+    call failed with ``failure``.
+    """
     listener = vars(factory).get("error_listener") if factory is not None else None
     if listener is None:
         return
     kind = _error_kind(failure, factory)
-    if kind is None:
-        return
+    if kind is not None:
+        _tell(listener, kind)
+
+
+def _tell(listener: Callable[[str], None], kind: str) -> None:
     try:
         listener(kind)
     except Exception:
@@ -619,9 +652,7 @@ def probe(connection: Any, clock: IReactorTime, timeout: float) -> defer.Deferre
             )
         message = str(failure.value).splitlines()[0] if str(failure.value) else ""
         if link.fails_fast:
-            raise RedisUnhealthy(
-                _STATE_ERRORS[link.state], f"Redis at {address}: {link.reason}"
-            )
+            raise RedisUnhealthy(_STATE_ERRORS[link.state], f"Redis at {address}: {link.reason}")
         if message.startswith(("NOAUTH", "WRONGPASS")):
             raise RedisUnhealthy("redis_auth_failed", f"Redis at {address}: {message}")
         if is_unavailable(failure):
@@ -705,11 +736,402 @@ def call(
 
     def translate(failure: Failure) -> Failure:
         _report_error(function, failure)
-        if failure.check(defer.TimeoutError):
-            raise unavailable(f"{what} did not answer within {timeout:g} s; retry later")
-        if is_unavailable(failure):
-            raise unavailable(f"{what} is unavailable; retry later")
+        replacement = _outage_error(failure, timeout, what, unavailable)
+        if replacement is not None:
+            raise replacement
         return failure
 
     d.addErrback(translate)
     return d
+
+
+def _outage_error(
+    failure: Failure, timeout: float, what: str, unavailable: Type[BackendUnavailableError]
+) -> Optional[BackendUnavailableError]:
+    """
+    The error a failed call fails with instead of ``failure`` (a deadline
+    missed, Redis unavailable), or ``None`` when ``failure`` passes through.
+    """
+    if failure.check(defer.TimeoutError):
+        return unavailable(f"{what} did not answer within {timeout:g} s; retry later")
+    if is_unavailable(failure):
+        return unavailable(f"{what} is unavailable; retry later")
+    return None
+
+
+# -- scripts -----------------------------------------------------------------
+
+
+def _bulk(data: bytes) -> bytes:
+    """
+    ``data`` as a RESP bulk string.
+    """
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+@attr.s(frozen=True, eq=False, repr=False)
+class Script:
+    """
+    A Lua script to run with `run_script`, made once (at import time) and
+    used for every call.
+
+    Its SHA1 and its ``EVALSHA <sha> <numkeys>`` command prefix are
+    computed here, once: txredisapi's ``eval`` hashes the source and
+    encodes every argument generically on every call, a good part of the
+    CPU a call cost.
+
+    :ivar source: the Lua source.
+    :ivar keys: how many ``KEYS`` every call passes (Redis's ``numkeys``).
+    :ivar sha: the SHA1 hex digest of the source: what Redis names the
+        script by once it has it.
+    """
+
+    source: str = attr.ib()
+    keys: int = attr.ib(default=1)
+    sha: str = attr.ib(init=False)
+    _evalsha: bytes = attr.ib(init=False)
+    _eval: bytes = attr.ib(init=False)
+
+    @sha.default
+    def _hash(self) -> str:
+        return hashlib.sha1(self.source.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+    @_evalsha.default
+    def _evalsha_prefix(self) -> bytes:
+        return _bulk(b"EVALSHA") + _bulk(self.sha.encode("ascii")) + _bulk(b"%d" % self.keys)
+
+    @_eval.default
+    def _eval_prefix(self) -> bytes:
+        return _bulk(b"EVAL") + _bulk(self.source.encode("utf-8")) + _bulk(b"%d" % self.keys)
+
+    def __repr__(self) -> str:
+        return f"<Script {self.sha[:12]} keys={self.keys}>"
+
+    def command(self, keys: Sequence[Any], args: Sequence[Any]) -> bytes:
+        """
+        The RESP encoding of ``EVALSHA <sha> <numkeys> *keys *args``.
+
+        Keys and arguments are text (sent as UTF-8), bytes (as they are)
+        or integers (in decimal).  No float: txredisapi would send six
+        decimals, losing precision silently; the caller says how to write
+        one.
+
+        :raises ValueError: ``keys`` are not `keys` keys, or a text holds a
+            lone surrogate.
+        :raises TypeError: a key or argument of another type.
+        """
+        if len(keys) != self.keys:
+            raise ValueError(f"the script takes {self.keys} keys, not {len(keys)}")
+        parts = [b"*%d\r\n" % (3 + self.keys + len(args)), self._evalsha]
+        append = parts.append
+        for values in (keys, args):
+            for value in values:
+                if value.__class__ is str:
+                    value = value.encode("utf-8")
+                elif not isinstance(value, bytes):
+                    if not isinstance(value, int) or isinstance(value, bool):
+                        raise TypeError(f"cannot send a {type(value).__name__} to Redis")
+                    value = b"%d" % value
+                append(b"$%d\r\n" % len(value))
+                append(value)
+                append(b"\r\n")
+        return b"".join(parts)
+
+    def as_eval(self, command: bytes) -> bytes:
+        """
+        ``command`` (made by `command`) turned into an ``EVAL`` of the
+        whole source, with the same keys and arguments: what Redis needs
+        when it does not know the script (it was restarted, or its scripts
+        flushed); it loads the script too.
+        """
+        header = command.index(b"\r\n") + 2
+        return command[:header] + self._eval + command[header + len(self._evalsha) :]
+
+
+class _ScriptCall:
+    """
+    One `run_script` call on a pooled connection: passes the reply on to
+    the caller's Deferred, at most once (a reply that comes after the
+    deadline or a cancellation is dropped), loads the script and runs it
+    again when Redis does not know it, reports failures to the error
+    listener, and tells its `_Deadlines` when it is over.
+    """
+
+    __slots__ = (
+        "result",
+        "deadline",
+        "_deadlines",
+        "_protocol",
+        "_command",
+        "_script",
+        "_factory",
+        "_timeout",
+        "_what",
+        "_unavailable",
+        "_retried",
+    )
+
+    def __init__(
+        self,
+        deadlines: _Deadlines,
+        protocol: Any,
+        command: bytes,
+        script: Script,
+        factory: Any,
+        timeout: float,
+        what: str,
+        unavailable: Type[BackendUnavailableError],
+    ) -> None:
+        self.result: defer.Deferred[Any] = defer.Deferred(self._cancelled)
+        self.deadline = 0.0
+        self._deadlines = deadlines
+        self._protocol = protocol
+        self._command = command
+        self._script = script
+        self._factory = factory
+        self._timeout = timeout
+        self._what = what
+        self._unavailable = unavailable
+        self._retried = False
+
+    def answered(self, reply: Any) -> None:
+        if not self.result.called:
+            # (over first: the caller's code may wait for the clock to
+            # have no call left, as a test does)
+            self._deadlines.over()
+            self.result.callback(reply)
+
+    def failed(self, failure: Failure) -> None:
+        result = self.result
+        if result.called:
+            return  # too late: the deadline passed, or the caller cancelled
+        if not self._retried and str(failure.value).startswith("NOSCRIPT"):
+            # Redis does not know the script (restarted, SCRIPT FLUSH, a
+            # failover): EVAL its source, which loads it, once.
+            self._retried = True
+            try:
+                reply = self._protocol.send_encoded(self._script.as_eval(self._command))
+            except Exception:
+                failure = Failure()
+            else:
+                reply.addCallbacks(self.answered, self.failed)
+                return
+        self._deadlines.over()
+        _report_failure(self._factory, failure)
+        replacement = _outage_error(failure, self._timeout, self._what, self._unavailable)
+        result.errback(failure if replacement is None else replacement)
+
+    def expire(self) -> None:
+        """
+        The deadline passed without an answer: fail the call (its reply,
+        when it comes, will be dropped).
+        """
+        if self.result.called:
+            return  # cancelled meanwhile
+        self._deadlines.over()
+        listener = vars(self._factory).get("error_listener")
+        if listener is not None:
+            _tell(listener, "timeout")
+        self.result.errback(
+            self._unavailable(
+                f"{self._what} did not answer within {self._timeout:g} s; retry later"
+            )
+        )
+
+    def _cancelled(self, result: defer.Deferred[Any]) -> None:
+        # (the Deferred then fails with CancelledError; the reply, when it
+        # comes, is dropped: Redis runs the script anyway)
+        self._deadlines.over()
+
+
+class _Deadlines:
+    """
+    The deadlines of the `run_script` calls on one connection (pool), on
+    one clock, kept by one lazy timer.
+
+    A call only records its deadline: no timer is made and cancelled per
+    call (as `defer.Deferred.addTimeout` does) while calls overlap.  When
+    the timer fires it fails the calls past their deadline, then waits
+    again for the earliest deadline left.  Deadlines are as exact as with
+    a timer per call.  The timer is stopped when no call is outstanding,
+    so none is left on the clock once every call is over (a connection
+    used one call at a time makes and cancels one per call, as before).
+
+    Calls wait in one queue per timeout, in the order they were made, so
+    the first of a queue has its earliest deadline.  Calls that are over
+    leave their queue when the timer fires or when a call is added behind
+    them, so the queues hold about the calls outstanding.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._queues: Dict[float, Deque[_ScriptCall]] = {}
+        self._outstanding = 0
+        self._timer: Optional[IDelayedCall] = None
+        self._at = 0.0
+
+    def add(self, call: _ScriptCall, timeout: float) -> None:
+        """
+        Fail ``call`` if it is not over ``timeout`` seconds from now; it
+        calls `over` when it is.
+        """
+        deadline = call.deadline = self._clock.seconds() + timeout
+        self._outstanding += 1
+        queue = self._queues.get(timeout)
+        if queue is None:
+            queue = self._queues[timeout] = deque()
+        else:
+            while queue and queue[0].result.called:
+                queue.popleft()
+        queue.append(call)
+        timer = self._timer
+        if timer is None:
+            self._at = deadline
+            self._timer = self._clock.callLater(timeout, self._expire)
+        elif deadline < self._at:  # a shorter timeout than those waiting
+            self._at = deadline
+            timer.reset(timeout)
+
+    def over(self) -> None:
+        """
+        A call is over (answered, failed, expired or cancelled).
+        """
+        self._outstanding -= 1
+        if self._outstanding <= 0:
+            self.stop()
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        expired: List[_ScriptCall] = []
+        earliest: Optional[float] = None
+        for timeout in list(self._queues):
+            queue = self._queues[timeout]
+            while queue:
+                call = queue[0]
+                if not call.result.called:
+                    if call.deadline > now:
+                        break
+                    expired.append(call)
+                queue.popleft()
+            if not queue:
+                del self._queues[timeout]
+            elif earliest is None or queue[0].deadline < earliest:
+                earliest = queue[0].deadline
+        if earliest is not None:
+            self._at = earliest
+            self._timer = self._clock.callLater(earliest - now, self._expire)
+        # (last: failing a call runs its caller's code, which may add calls)
+        for call in expired:
+            call.expire()
+
+    def stop(self) -> None:
+        """
+        Stop the timer and forget every call: none is outstanding, or the
+        connection is closed (so they have all failed).
+        """
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        self._queues.clear()
+        self._outstanding = 0
+
+
+_NO_ATTRIBUTES: Dict[str, Any] = {}
+
+
+def _pooled(factory: Any) -> Any:
+    """
+    A pooled connection of ``factory`` ready for a command, without
+    Deferreds (what txredisapi's ``getConnection(peek=True)`` would hand
+    out), or ``None`` when none is.
+    """
+    pending = factory.connectionQueue.pending
+    while pending:
+        # (as txredisapi does: any connection not taken by a blocking
+        # command or a transaction; random spreads the load, no security)
+        protocol = pending[0] if len(pending) == 1 else random.choice(pending)  # noqa: S311
+        if protocol.connected:
+            return protocol
+        pending.remove(protocol)  # lost: discarded, as getConnection does
+    return None
+
+
+def run_script(
+    connection: Any,
+    script: Script,
+    keys: Sequence[Any],
+    args: Sequence[Any],
+    *,
+    clock: IReactorTime,
+    timeout: float,
+    what: str = "Redis",
+    unavailable: Type[BackendUnavailableError] = BackendUnavailableError,
+) -> defer.Deferred[Any]:
+    """
+    Run ``script`` with ``keys`` and ``args`` on ``connection``, with a
+    deadline: `call` of ``connection.eval``, for a fraction of the CPU.
+
+    When the connection is up, the command (only the keys and arguments
+    are encoded per call: see `Script.command`) is written straight to a
+    pooled connection and the caller gets the reply through one Deferred;
+    the deadline is kept by one lazy timer per connection and clock.  When
+    Redis does not know the script (``NOSCRIPT``: restarted, its scripts
+    flushed), it is loaded and run again, once, within the same deadline.
+    Otherwise (connecting, reconnecting, known to be down, Sentinel
+    failing over, no connection free) it is `call` of
+    ``connection.eval``, which waits for a connection or fails fast.
+
+    :param connection: a connection made by `connect` (anything else with
+        an ``eval`` command takes the `call` path).
+    :param keys: exactly ``script.keys`` keys; keys and arguments are text,
+        bytes or integers.
+    :param clock: the clock the deadline runs on.
+    :param timeout: seconds the call may take.
+    :param what: names the backend in the error message.
+    :param unavailable: the error class to fail with when Redis is
+        unavailable (a `BackendUnavailableError` subclass).
+    :return: as `call`: Deferred firing with the script's answer, or
+        failing with ``unavailable`` if it did not answer within
+        ``timeout`` or Redis is unavailable; other failures (a script
+        error, a key of the wrong type) pass through unchanged.
+        Cancelling it fails it with `defer.CancelledError` (the reply, when
+        it comes, is dropped).  Every failure but a cancellation is
+        reported to the connection's error listener.
+    :raises ValueError: ``keys`` are not ``script.keys`` keys.
+    """
+    if len(keys) != script.keys:
+        raise ValueError(f"the script takes {script.keys} keys, not {len(keys)}")
+    factory: Any = getattr(connection, "__dict__", _NO_ATTRIBUTES).get("_factory")
+    deadlines: Any = getattr(factory, "__dict__", _NO_ATTRIBUTES).get("script_deadlines")
+    try:
+        # (first, whichever path: a value of the wrong type fails the same)
+        command = script.command(keys, args)
+        protocol = None
+        if deadlines is not None and factory.health.state == CONNECTED:
+            protocol = _pooled(factory)
+        if protocol is None:
+            return call(
+                clock,
+                timeout,
+                connection.eval,
+                script.source,
+                keys,
+                args,
+                what=what,
+                unavailable=unavailable,
+            )
+        reply = protocol.send_encoded(command)
+    except Exception:
+        failure = Failure()
+        _report_failure(factory, failure)
+        replacement = _outage_error(failure, timeout, what, unavailable)
+        return defer.fail(failure if replacement is None else replacement)
+    keeper = deadlines.get(clock)
+    if keeper is None:
+        keeper = deadlines[clock] = _Deadlines(clock)
+    pending = _ScriptCall(keeper, protocol, command, script, factory, timeout, what, unavailable)
+    keeper.add(pending, timeout)
+    reply.addCallbacks(pending.answered, pending.failed)
+    return pending.result

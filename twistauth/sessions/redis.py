@@ -191,6 +191,13 @@ redis.call('DEL', KEYS[1])
 return n
 """
 
+# Each script hashed and its EVALSHA prefix encoded once (loads are the hot
+# path: see `redisconn.run_script`).
+_LOAD_SCRIPT = redisconn.Script(_LOAD, keys=1)
+_SAVE_SCRIPT = redisconn.Script(_SAVE, keys=4)
+_DELETE_SCRIPT = redisconn.Script(_DELETE, keys=3)
+_DELETE_INDEXED_SCRIPT = redisconn.Script(_DELETE_INDEXED, keys=1)
+
 
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
@@ -275,12 +282,20 @@ class RedisSessionCache:
             provider = self.provider_index_key(session.issuer, session.provider_sid)
         return [user, provider]
 
-    def _call(self, method: str, *args: Any) -> Deferred[Any]:
-        return redisconn.call(
-            self.clock,
-            self.call_timeout,
-            getattr(self.redis, method),
-            *args,
+    def _run(
+        self, script: redisconn.Script, keys: Sequence[str], args: Sequence[str]
+    ) -> Deferred[Any]:
+        """
+        Run one of the scripts, with the call deadline; an outage fails
+        it with `SessionStoreUnavailableError`.
+        """
+        return redisconn.run_script(
+            self.redis,
+            script,
+            keys,
+            args,
+            clock=self.clock,
+            timeout=self.call_timeout,
             what="the session store (Redis)",
             unavailable=SessionStoreUnavailableError,
         )
@@ -294,11 +309,8 @@ class RedisSessionCache:
         if not is_session_id(token):
             return succeed(None)
         now = self.clock.seconds()
-        d = self._call(
-            "eval",
-            _LOAD,
-            [self.session_key(token)],
-            [repr(now), *self._load_args[touch]],
+        d = self._run(
+            _LOAD_SCRIPT, (self.session_key(token),), (repr(now), *self._load_args[touch])
         )
         d.addCallback(self._loaded, token, now)
         return d
@@ -340,8 +352,8 @@ class RedisSessionCache:
         return token
 
     def delete(self, session: Session) -> Deferred[None]:
-        d = self._call(
-            "eval", _DELETE, [self.session_key(session.id), *self._indexes(session)], [session.id]
+        d = self._run(
+            _DELETE_SCRIPT, [self.session_key(session.id), *self._indexes(session)], [session.id]
         )
         d.addCallback(lambda _: None)
         return d
@@ -358,7 +370,7 @@ class RedisSessionCache:
     # -- writing ---------------------------------------------------------
 
     def _delete_indexed(self, index: str, match: Sequence[str]) -> Deferred[int]:
-        d = self._call("eval", _DELETE_INDEXED, [index], [self.key_prefix + "s:", *match])
+        d = self._run(_DELETE_INDEXED_SCRIPT, [index], [self.key_prefix + "s:", *match])
         d.addCallback(int)
         return d
 
@@ -407,7 +419,7 @@ class RedisSessionCache:
             *pairs,
             *deleted,
         ]
-        version = yield self._call("eval", _SAVE, keys, args)
+        version = yield self._run(_SAVE_SCRIPT, keys, args)
         version = int(version)
         if version == -1:
             raise RuntimeError("session id collision")
