@@ -18,10 +18,13 @@ import pytest_twisted
 from conftest import RedisServer
 from test_sessions_support import IDLE, connect, result_of
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from twistauth import redisconn
+from twistauth._fired import PENDING, fired_value
 from twistauth.sessions import (
     ClientSessionCache,
     KeyringError,
@@ -30,6 +33,7 @@ from twistauth.sessions import (
     SessionStoreUnavailableError,
     SessionTooLargeError,
 )
+from twistauth.sessions._interfaces import IRevocations, Session
 from twistauth.sessions.sealing import KEY_ID_BYTES, key_id
 
 K_OLD = bytes(range(32))
@@ -40,6 +44,59 @@ ABSOLUTE = 43200.0
 def _key_of(token: str) -> bytes:
     raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
     return raw[1 : 1 + KEY_ID_BYTES]
+
+
+@implementer(IRevocations)
+class LaterRevocations:
+    """
+    Revocations in memory that answer only when `answer` is called (as a
+    store that does I/O), or fail at once when told to.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self.memory = MemoryRevocations(clock=clock)
+        self.waiting: Any = []
+        self.failing = False
+
+    def answer(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for d, session in waiting:
+            d.callback(self.memory.revoked(session))
+
+    def revoke_session(self, session_id: str, ttl: float) -> Any:
+        return self.memory.revoke_session(session_id, ttl)
+
+    def revoke_user(self, user_id: str, not_before: float, ttl: float) -> Any:
+        return self.memory.revoke_user(user_id, not_before, ttl)
+
+    def revoke_provider_session(self, issuer: str, provider_sid: str, ttl: float) -> Any:
+        return self.memory.revoke_provider_session(issuer, provider_sid, ttl)
+
+    def is_revoked(self, session: Session) -> Any:
+        if self.failing:
+            return fail(SessionStoreUnavailableError())
+        d: Deferred[bool] = Deferred()
+        self.waiting.append((d, session))
+        return d
+
+
+class AnsweredRevocations(LaterRevocations):
+    """
+    Answers with a Deferred that has fired already, not being the memory
+    store itself.
+    """
+
+    def is_revoked(self, session: Session) -> Any:
+        return succeed(self.memory.revoked(session))
+
+
+class NeverRevoked(MemoryRevocations):
+    """
+    A subclass that changes the answer: the cache must ask it.
+    """
+
+    def is_revoked(self, session: Session) -> Any:
+        return succeed(False)
 
 
 class ClientCacheTests(SynchronousTestCase):
@@ -270,6 +327,144 @@ class ClientCacheTests(SynchronousTestCase):
                 self.cache(keys=keys)
         with self.assertRaises(TypeError):
             ClientSessionCache(keys=[K_OLD], revocations=object(), clock=self.clock)
+
+    # -- the token's contents ------------------------------------------------
+
+    def test_every_field_survives_and_defaults_are_left_out(self) -> None:
+        """
+        A token leaves out the fields that hold what a missing field reads
+        as (``None``, no roles, not permanent), and loads every field of
+        the session it was sealed from, whether they are set or not.
+        """
+        cache = self.cache()
+        anonymous = result_of(cache.create())
+        anonymous["a"] = 1
+        full = result_of(cache.create(permanent=True))
+        full.log_in(
+            "ann",
+            ["admin", "staff"],
+            now=self.clock.seconds() - 5,
+            permanent=True,
+            issuer="https://op",
+            provider_sid="s1",
+        )
+        full.set_signing_key("k" * 43)
+        full["cart"] = ["book", {"n": 2}]
+        for session, sealed in (
+            (anonymous, {"created", "last_seen", "csrf_token"}),
+            (full, set(anonymous.fields()) - {"id", "version"}),
+        ):
+            token = result_of(cache.save(session))
+            opened = cache._sealer.unseal(token, purpose=cache.purpose, now=self.clock.seconds())
+            self.assertEqual(set(opened.payload["f"]), sealed)
+            loaded = self.load(cache, token)
+            self.assertEqual(loaded.fields(), session.fields())
+            self.assertEqual(loaded.data, session.data)
+            self.assertFalse(loaded.dirty)
+
+    def test_tokens_with_every_field_still_load(self) -> None:
+        """
+        A token sealed before defaults were left out (every field, ``null``
+        ones too) loads as it did: a rolling upgrade logs nobody out.
+        """
+        cache = self.cache()
+        now = self.clock.seconds()
+        fields = {
+            "created": now - 10,
+            "last_seen": now - 10,
+            "user_id": None,
+            "roles": [],
+            "authenticated_at": None,
+            "permanent": False,
+            "issuer": None,
+            "provider_sid": None,
+            "csrf_token": "c" * 43,
+            "signing_key": None,
+        }
+        payload = {"id": "i" * 43, "v": 3, "f": fields, "d": {"a": 1}}
+        token = cache._sealer.seal(payload, purpose=cache.purpose, now=now, lifetime=60)
+        session = self.load(cache, token)
+        self.assertEqual(session.fields(), {**fields, "id": "i" * 43, "version": 3})
+        self.assertEqual(session.data, {"a": 1})
+
+    def test_state_that_is_not_a_dict_is_no_session(self) -> None:
+        cache = self.cache()
+        now = self.clock.seconds()
+        for data in ([["a", 1]], "ab", None, 1):
+            payload = {"id": "i" * 43, "v": 1, "f": {"created": now, "last_seen": now}, "d": data}
+            token = cache._sealer.seal(payload, purpose=cache.purpose, now=now, lifetime=60)
+            self.assertIsNone(self.load(cache, token), data)
+
+    # -- revocation stores that answer at once, later, or fail -----------------
+
+    def test_memory_store_answers_at_once(self) -> None:
+        cache = self.cache()
+        token = self.saved(cache, "ann", a=1)
+        loading = cache.load(token)
+        self.assertIsNot(fired_value(loading), PENDING)
+        session = fired_value(loading)
+        result_of(cache.delete(session))
+        self.assertIsNone(fired_value(cache.load(token)))
+
+    def test_a_subclass_of_the_memory_store_is_asked(self) -> None:
+        self.revocations = NeverRevoked(clock=self.clock)
+        cache = self.cache()
+        token = self.saved(cache, "ann")
+        result_of(cache.delete(self.load(cache, token)))
+        self.assertTrue(self.revocations.revoked(self.load(cache, token)))  # it says no
+        self.assertIsNotNone(self.load(cache, token))
+
+    def test_store_that_answered_already(self) -> None:
+        self.revocations = store = AnsweredRevocations(self.clock)  # type: ignore[assignment]
+        cache = self.cache()
+        token = self.saved(cache, "ann", a=1)
+        session = fired_value(cache.load(token))
+        self.assertEqual(session["a"], 1)
+        session["a"] = 2
+        self.assertIsNotNone(fired_value(cache.save(session)))
+        result_of(cache.delete(session))
+        self.assertIsNone(fired_value(cache.load(token)))
+        self.assertIsNone(fired_value(cache.save(session)))  # logged out: not brought back
+        self.assertEqual(len(store.memory), 1)
+
+    def test_store_that_answers_later(self) -> None:
+        """
+        Load and save wait for a store that does I/O, and follow its answer.
+        """
+        self.revocations = store = LaterRevocations(self.clock)  # type: ignore[assignment]
+        cache = self.cache()
+        token = self.saved(cache, "ann", a=1)
+        loading = cache.load(token)
+        self.assertIs(fired_value(loading), PENDING)
+        store.answer()
+        session = result_of(loading)
+        self.assertEqual(session["a"], 1)
+        session["a"] = 2
+        saving = cache.save(session)
+        self.assertIs(fired_value(saving), PENDING)
+        store.answer()
+        self.assertEqual(self.load_later(cache, result_of(saving))["a"], 2)
+        result_of(cache.delete(session))
+        loading = cache.load(token)
+        store.answer()
+        self.assertIsNone(result_of(loading))
+        saving = cache.save(session)
+        store.answer()
+        self.assertIsNone(result_of(saving))
+
+    def load_later(self, cache: ClientSessionCache, token: str) -> Any:
+        loading = cache.load(token)
+        self.revocations.answer()  # type: ignore[attr-defined]
+        return result_of(loading)
+
+    def test_store_failure_is_the_load_failure(self) -> None:
+        self.revocations = store = LaterRevocations(self.clock)  # type: ignore[assignment]
+        cache = self.cache()
+        token = self.saved(cache, "ann")
+        session = self.load_later(cache, token)
+        store.failing = True
+        self.failureResultOf(cache.load(token), SessionStoreUnavailableError)
+        self.failureResultOf(cache.save(session), SessionStoreUnavailableError)
 
     # -- concurrency -----------------------------------------------------------
 

@@ -7,16 +7,22 @@ purpose binding, 79 time inside the seal, 80 the keyring, 83 key rules).
 from __future__ import annotations
 
 import base64
+import binascii
+import itertools
 import json
 import os
+import random
+import re
 import tempfile
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from twistauth.sessions import sealing
 from twistauth.sessions.sealing import (
     KEY_ID_BYTES,
+    MAX_PURPOSES,
     MIN_SEALED_BYTES,
     NONCE_BYTES,
     VERSION,
@@ -55,6 +61,43 @@ def _raw(token: str) -> bytes:
 
 def _text(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+#: Characters a base64 text must not hold: padding, the standard
+#: alphabet's two, whitespace, and some that are not even ASCII.
+NOT_ALPHABET = "=+/ \n\t.\x00é💥"
+
+
+def _lenient(text: str) -> bytes:
+    """
+    What a forgiving decoder makes of ``text`` (it ignores unused bits).
+    """
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _reference_b64decode(text: str) -> bytes:
+    """
+    The strict decoding `sealing._b64decode` must match: URL-safe alphabet
+    only, then decode and re-encode, refusing a text that does not come
+    back unchanged.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", text) or len(text) % 4 == 1:
+        raise MalformedSeal("not URL-safe base64")
+    try:
+        raw = _lenient(text)
+    except (binascii.Error, ValueError):
+        raise MalformedSeal("not URL-safe base64") from None
+    if _text(raw) != text:
+        raise MalformedSeal("not canonical base64")
+    return raw
+
+
+def _decodes_as(decode: object, text: str) -> object:
+    try:
+        return decode(text)  # type: ignore[operator]
+    except MalformedSeal:
+        return MalformedSeal
 
 
 class SealTests(SynchronousTestCase):
@@ -271,6 +314,209 @@ class SealTests(SynchronousTestCase):
     @given(st.one_of(st.text(max_size=600), st.binary(max_size=600).map(_text)))
     def test_arbitrary_input_never_raises(self, text: str) -> None:
         self.assertIsNone(_sealer().open(text, purpose=PURPOSE, now=NOW))
+
+    def test_every_non_canonical_last_character_is_refused(self) -> None:
+        """
+        Case 76: for a token of each length modulo 4, every other last
+        character that a forgiving decoder reads as the same bytes (its
+        unused low bits set) is refused as malformed; the token itself
+        opens.
+        """
+        sealer = _sealer()
+        seen = {}
+        for size in range(40):
+            token = sealer.seal("x" * size, purpose=PURPOSE, now=NOW, lifetime=60)
+            raw = _raw(token)
+            alternatives = [
+                token[:-1] + c
+                for c in ALPHABET
+                if c != token[-1] and _lenient(token[:-1] + c) == raw
+            ]
+            seen[len(token) % 4] = len(alternatives)
+            for text in alternatives:
+                with self.assertRaises(MalformedSeal, msg=text[-8:]):
+                    sealer.unseal(text, purpose=PURPOSE, now=NOW)
+                self.assertIsNone(sealer.open(text, purpose=PURPOSE, now=NOW))
+                self.assertIsNone(sealer.open_payload(text, purpose=PURPOSE, now=NOW))
+            self.assertEqual(sealer.unseal(token, purpose=PURPOSE, now=NOW).payload, "x" * size)
+        # 4 unused bits leave 15 other texts, 2 leave 3, none leave none.
+        self.assertEqual(seen, {0: 0, 2: 15, 3: 3})
+
+    def test_open_payload(self) -> None:
+        """
+        `Sealer.open_payload` answers what `Sealer.open` does, as
+        ``(payload, stale_key)``, and ``None`` whenever `open` does.
+        """
+        old, rotated = _sealer(K1), _sealer(K2, K1)
+        token = old.seal(PAYLOAD, purpose=PURPOSE, now=NOW, lifetime=60)
+        self.assertEqual(old.open_payload(token, purpose=PURPOSE, now=NOW), (PAYLOAD, False))
+        self.assertEqual(rotated.open_payload(token, purpose=PURPOSE, now=NOW), (PAYLOAD, True))
+        for text, purpose, now in (
+            (token, PURPOSE, NOW + 60),  # expired
+            (token, "other", NOW),
+            (token[:-2], PURPOSE, NOW),
+            (token + "A", PURPOSE, NOW),
+            ("", PURPOSE, NOW),
+        ):
+            self.assertIsNone(old.open(text, purpose=purpose, now=now))
+            self.assertIsNone(old.open_payload(text, purpose=purpose, now=now))
+        self.assertIsNone(_sealer(K2).open_payload(token, purpose=PURPOSE, now=NOW))
+
+    def test_data_after_the_payload_does_not_open(self) -> None:
+        """
+        A correctly sealed plaintext that is not exactly one JSON document
+        is refused, as `json.loads` would (on every interpreter).
+        """
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        header = bytes([VERSION]) + key_id(K1)
+        aad = b"twistauth seal\x00" + PURPOSE.encode() + b"\x00" + header
+        inner = json.dumps({"iat": NOW, "exp": NOW + 60, "p": 1})
+        for plaintext, opens in (
+            (inner, True),
+            (f" {inner}\n", True),  # whitespace around: json.loads reads it
+            (inner + "x", False),
+            (inner + inner, False),
+            (inner[:-1], False),
+            ("[1, 2]", False),
+        ):
+            nonce = os.urandom(NONCE_BYTES)
+            sealed = AESGCM(K1).encrypt(nonce, plaintext.encode(), aad)
+            token = _text(header + nonce + sealed)
+            if opens:
+                self.assertEqual(_sealer().unseal(token, purpose=PURPOSE, now=NOW).payload, 1)
+            else:
+                with self.assertRaises(TamperedSeal, msg=plaintext):
+                    _sealer().unseal(token, purpose=PURPOSE, now=NOW)
+
+
+class Base64Tests(SynchronousTestCase):
+    """
+    `sealing._b64decode` accepts exactly the texts, and answers exactly
+    the bytes, of decoding and re-encoding (`_reference_b64decode`).
+    """
+
+    def assertSame(self, text: str) -> None:
+        self.assertEqual(
+            _decodes_as(sealing._b64decode, text), _decodes_as(_reference_b64decode, text), text
+        )
+
+    def test_every_short_text(self) -> None:
+        characters = ALPHABET + NOT_ALPHABET
+        for size in range(3):
+            for chars in itertools.product(characters, repeat=size):
+                self.assertSame("".join(chars))
+
+    def test_every_last_two_characters(self) -> None:
+        """
+        After prefixes of every length modulo 4, every pair of last
+        characters (the last one's unused bits included).
+        """
+        characters = ALPHABET + NOT_ALPHABET
+        rng = random.Random(76)
+        for size in range(2, 12):
+            prefix = "".join(rng.choice(ALPHABET) for _ in range(size - 2))
+            for a, b in itertools.product(characters, repeat=2):
+                self.assertSame(prefix + a + b)
+
+    def test_canonical_texts_decode(self) -> None:
+        for size in range(64):
+            raw = os.urandom(size)
+            self.assertEqual(sealing._b64decode(_text(raw)), raw)
+
+    def test_non_canonical_messages(self) -> None:
+        with self.assertRaisesRegex(MalformedSeal, "not canonical"):
+            sealing._b64decode("AB")  # 0b000001: an unused bit set
+        for text in ("AAAA=", "AA==", "AA+A", "AA/A", "AA A", "AAAAA", "AAé"):
+            with self.assertRaisesRegex(MalformedSeal, "not URL-safe"):
+                sealing._b64decode(text)
+
+    @settings(max_examples=500, deadline=None)
+    @given(
+        st.one_of(
+            st.text(alphabet=ALPHABET + NOT_ALPHABET, max_size=40),
+            st.binary(max_size=40).map(_text),
+            st.tuples(st.binary(max_size=40), st.sampled_from(ALPHABET)).map(
+                lambda pair: _text(pair[0])[:-1] + pair[1]
+            ),
+        )
+    )
+    def test_same_as_reference(self, text: str) -> None:
+        self.assertSame(text)
+
+
+class JSONTests(SynchronousTestCase):
+    """
+    The plaintext decoder answers exactly what `json.loads` answers.
+    """
+
+    def test_same_as_json_loads(self) -> None:
+        for text in (
+            '{"a":1}',
+            ' {"a":1}',
+            '{"a":1} \n',
+            '{"a":1}x',
+            '{"a":1}{"a":1}',
+            '{"a":',
+            "",
+            "   ",
+            "\ufeff{}",
+            "NaN",
+            '"\\ud800"',
+            "[1,2.5,null,true]",
+        ):
+            for loads in (sealing._json_loads, sealing._loads):
+                try:
+                    expected: object = json.loads(text)
+                except ValueError as e:
+                    expected = type(e)
+                try:
+                    got: object = loads(text)
+                except ValueError as e:
+                    got = type(e)
+                if expected != expected:  # NaN
+                    self.assertNotEqual(got, got, text)
+                else:
+                    self.assertEqual(got, expected, text)
+
+
+class PurposeKeysTests(SynchronousTestCase):
+    """
+    What `Keyring.for_purpose` computes once per purpose.
+    """
+
+    def test_kept_and_exact(self) -> None:
+        keyring = Keyring([K2, K1])
+        keys = keyring.for_purpose(PURPOSE)
+        self.assertIs(keyring.for_purpose(PURPOSE), keys)
+        self.assertIsNot(keyring.for_purpose(PURPOSE + " "), keys)
+        self.assertEqual(keys.header, bytes([VERSION]) + key_id(K2))
+        self.assertEqual(set(keys.openers), {key_id(K1), key_id(K2)})
+        for key, stale in ((K2, False), (K1, True)):
+            cipher, aad, is_stale = keys.openers[key_id(key)]
+            self.assertIs(cipher, keyring.cipher(key_id(key)))
+            self.assertEqual(
+                aad, b"twistauth seal\x00" + PURPOSE.encode() + b"\x00\x01" + key_id(key)
+            )
+            self.assertEqual(is_stale, stale)
+        self.assertEqual((keys.cipher, keys.aad), keys.openers[key_id(K2)][:2])
+        self.assertNotIn(repr(K1), repr(keys))
+
+    def test_bounded(self) -> None:
+        """
+        However many purposes are used, at most `MAX_PURPOSES` are kept,
+        and every purpose still seals and opens correctly (and only for
+        itself).
+        """
+        sealer = _sealer()
+        purposes = [f"purpose {n}" for n in range(3 * MAX_PURPOSES)]
+        tokens = [sealer.seal(n, purpose=p, now=NOW, lifetime=60) for n, p in enumerate(purposes)]
+        self.assertLessEqual(len(sealer.keyring._purposes), MAX_PURPOSES)
+        for n, (purpose, token) in enumerate(zip(purposes, tokens)):
+            self.assertEqual(sealer.unseal(token, purpose=purpose, now=NOW).payload, n)
+            other = purposes[n - 1]
+            self.assertIsNone(sealer.open(token, purpose=other, now=NOW))
+        self.assertLessEqual(len(sealer.keyring._purposes), MAX_PURPOSES)
 
 
 class KeyTests(SynchronousTestCase):

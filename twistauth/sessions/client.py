@@ -33,13 +33,14 @@ that change different keys at once do not both keep their change.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import attr
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
+from twistauth._fired import PENDING, fired_value
 from twistauth.sessions._common import Timeouts, load_session, new_id, new_session
 from twistauth.sessions._interfaces import IRevocations, ISessionCache, Session
 from twistauth.sessions.errors import SessionTooLargeError
@@ -93,6 +94,8 @@ class ClientSessionCache:
     max_future_skew: float = attr.ib(default=300.0)
     _timeouts: Timeouts = attr.ib(init=False)
     _sealer: Sealer = attr.ib(init=False)
+    _purpose: str = attr.ib(init=False)
+    _carrier_size: int = attr.ib(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._timeouts = Timeouts(
@@ -100,6 +103,10 @@ class ClientSessionCache:
             absolute=self.absolute_timeout,
             touch_fraction=self.touch_fraction,
         )
+        # Fixed at construction (the carrier never changes): not rebuilt
+        # per load and per save.
+        self._purpose = f"twistauth session/{self.carrier_name}"
+        self._carrier_size = len(self.carrier_name.encode("utf-8"))
         self._sealer = Sealer(
             keyring=Keyring(self.keys),
             max_future_skew=self.max_future_skew,
@@ -130,7 +137,7 @@ class ClientSessionCache:
         """
         The sealing purpose (associated data) of this cache's tokens.
         """
-        return f"twistauth session/{self.carrier_name}"
+        return self._purpose
 
     def _margin(self) -> float:
         # Records outlive the sessions they name by the clock skew allowed
@@ -144,26 +151,35 @@ class ClientSessionCache:
 
     def load(self, token: str, touch: bool = True) -> Deferred[Optional[Session]]:
         now = self.clock.seconds()
-        opened = self._sealer.open(token, purpose=self.purpose, now=now)
+        opened = self._sealer.open_payload(token, purpose=self._purpose, now=now)
         if opened is None:
             return succeed(None)
-        session = self._session(opened.payload)
+        payload, stale_key = opened
+        session = self._session(payload)
         if session is None or not self._timeouts.live(session.created, session.last_seen, now):
             return succeed(None)
         if touch and self._timeouts.touch_due(session.last_seen, now):
             session.last_seen = now
             session.mark_fields_changed()
-        if opened.stale_key:
+        if stale_key:
             session.mark_fields_changed()  # re-sealed with the newest key on save
-        return self.revocations.is_revoked(session).addCallback(_unless_revoked, session)
+        checking = self.revocations.is_revoked(session)
+        # A store that has answered already is read at once: no callback
+        # chain on the path of every request.
+        revoked = fired_value(checking)
+        if revoked is PENDING:
+            return checking.addCallback(_unless_revoked, session)
+        return succeed(None if revoked else session)
 
     def save(self, session: Session) -> Deferred[Optional[str]]:
         if not session.version:
             return _seal_now(self._seal, session)
         # Logged out meanwhile: not brought back.
-        return self.revocations.is_revoked(session).addCallback(
-            lambda revoked: None if revoked else self._seal(session)
-        )
+        checking = self.revocations.is_revoked(session)  # read at once, as in `load`
+        revoked = fired_value(checking)
+        if revoked is PENDING:
+            return checking.addCallback(lambda revoked: None if revoked else self._seal(session))
+        return succeed(None) if revoked else _seal_now(self._seal, session)
 
     @inlineCallbacks
     def renew(self, session: Session) -> Any:
@@ -222,8 +238,17 @@ class ClientSessionCache:
         remaining = self._timeouts.remaining(session.created, now, now)
         if remaining <= 0:
             return None
+        # Only the fields that differ from what `load_session` reads for a
+        # missing one: a smaller token is cheaper to encrypt, carry, decrypt
+        # and parse.  It loads the same; so do tokens sealed with every
+        # field (by earlier versions), in either direction of an upgrade.
         fields = session.fields()
-        del fields["id"], fields["version"]
+        del fields["id"], fields["version"]  # in the payload on their own
+        fields = {
+            name: value
+            for name, value in fields.items()
+            if value is not None and _DEFAULTS.get(name, _KEEP) != value
+        }
         fields["last_seen"] = now
         payload = {
             "id": session.id,
@@ -231,8 +256,8 @@ class ClientSessionCache:
             "f": fields,
             "d": session.data,
         }
-        token = self._sealer.seal(payload, purpose=self.purpose, now=now, lifetime=remaining)
-        size = len(self.carrier_name.encode("utf-8")) + len(token)
+        token = self._sealer.seal(payload, purpose=self._purpose, now=now, lifetime=remaining)
+        size = self._carrier_size + len(token)
         if size > self.size_limit:
             raise SessionTooLargeError(size=size, limit=self.size_limit)
         session.last_seen = now
@@ -242,14 +267,22 @@ class ClientSessionCache:
 
     def _session(self, payload: Any) -> Optional[Session]:
         # The payload verified, so we sealed it; still checked, so a token
-        # from an older version of this module cannot raise.
+        # from an older version of this module cannot raise.  Its state is
+        # a dict just decoded and shared with nothing: not copied.
         try:
-            session = load_session(
-                payload["id"], payload["f"], dict(payload["d"]), int(payload["v"])
-            )
+            data = payload["d"]
+            if type(data) is not dict:
+                return None
+            return load_session(payload["id"], payload["f"], data, int(payload["v"]))
         except (KeyError, TypeError, ValueError):
             return None
-        return session
+
+
+#: Fields `load_session` reads as these values when they are missing (as
+#: it reads every other missing field as ``None``): a token leaves them out
+#: when they hold them.
+_DEFAULTS: Dict[str, Any] = {"roles": [], "permanent": False}
+_KEEP = object()
 
 
 def _unless_revoked(revoked: bool, session: Session) -> Optional[Session]:

@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import attr
@@ -59,8 +60,27 @@ TAG_BYTES = 16
 #: The smallest possible sealed value, in bytes before base64.
 MIN_SEALED_BYTES = 1 + KEY_ID_BYTES + NONCE_BYTES + TAG_BYTES
 
-_HEADER = 1 + KEY_ID_BYTES + NONCE_BYTES
-_BASE64URL = re.compile(r"\A[A-Za-z0-9_-]*\Z")
+_KEY_END = 1 + KEY_ID_BYTES
+_HEADER = _KEY_END + NONCE_BYTES
+#: The URL-safe base64 alphabet, each character at the index of its value.
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_ALPHABET_BYTES = _ALPHABET.encode("ascii")
+_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+#: By ``len(text) % 4``: the padding `binascii.a2b_base64` needs, and the
+#: characters a canonical text may end with.  A text of ``4n + 2``
+#: characters holds ``3n + 1`` bytes, so the low 4 bits of its last
+#: character are unused; one of ``4n + 3`` holds ``3n + 2`` bytes, leaving 2
+#: bits unused (one of ``4n`` has none; one of ``4n + 1`` is never base64).
+#: The encoder writes unused bits as zeros and a decoder ignores them, so
+#: up to 16 texts decode to the same bytes: only the one with zeros is
+#: canonical, the one re-encoding the bytes gives back.
+_PADDING = (b"", b"", b"==", b"=")
+_CANONICAL_LAST = (
+    _ALPHABET,
+    "",
+    "".join(c for i, c in enumerate(_ALPHABET) if i & 0b1111 == 0),
+    "".join(c for i, c in enumerate(_ALPHABET) if i & 0b11 == 0),
+)
 _B64_KEY = re.compile(r"\A[A-Za-z0-9+/_-]+={0,2}\Z")
 #: Fewer distinct byte values than this in 32 bytes means "not random"
 #: (a random key has about 30; fewer than 12 happens with probability
@@ -200,16 +220,27 @@ def _b64decode(text: str) -> bytes:
     """
     Strict URL-safe base64 without padding: exactly one text per value, so
     no change to the text leaves the value opening.
+
+    Refused: any character outside the URL-safe alphabet (padding,
+    whitespace, ``+`` and ``/`` included), a length of ``4n + 1`` (never
+    base64), and a last character with unused bits set (see
+    `_CANONICAL_LAST`).  Checking those bits is the same as re-encoding the
+    bytes and comparing, without the second pass; and `binascii` alone
+    would skip characters outside its alphabet instead of refusing them,
+    hence the check that removing every alphabet character leaves nothing.
     """
-    if not _BASE64URL.match(text) or len(text) % 4 == 1:
+    rest = len(text) & 3
+    if rest == 1 or not text.isascii():
         raise MalformedSeal("not URL-safe base64")
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise MalformedSeal("not URL-safe base64") from None
-    if _b64encode(raw) != text:
+    data = text.encode("ascii")
+    if data.translate(None, _ALPHABET_BYTES):
+        raise MalformedSeal("not URL-safe base64")
+    if rest and text[-1] not in _CANONICAL_LAST[rest]:
         raise MalformedSeal("not canonical base64")
-    return raw
+    try:
+        return binascii.a2b_base64(data.translate(_TO_STANDARD) + _PADDING[rest])
+    except binascii.Error:  # pragma: no cover - every input is checked above
+        raise MalformedSeal("not URL-safe base64") from None
 
 
 @attr.s(eq=False, repr=False)
@@ -223,6 +254,7 @@ class Keyring:
 
     keys: Sequence[bytes] = attr.ib(converter=key_tuple)
     _ciphers: Dict[bytes, AESGCM] = attr.ib(init=False, factory=dict)
+    _purposes: Dict[str, PurposeKeys] = attr.ib(init=False, factory=dict)
     sealing_id: bytes = attr.ib(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -242,8 +274,58 @@ class Keyring:
         """
         return self._ciphers.get(ident)
 
+    def for_purpose(self, purpose: str) -> PurposeKeys:
+        """
+        The keys bound to ``purpose``, made on first use and kept: each
+        seal or open then costs a dictionary lookup instead of building its
+        associated data (and, on PyPy, handing a new bytes object to
+        ``cryptography``).
+
+        A program uses a handful of fixed purposes; should one pass an
+        unbounded variety, the kept ones are dropped when there are
+        `MAX_PURPOSES`, so memory stays bounded either way.
+        """
+        keys = self._purposes.get(purpose)
+        if keys is None:
+            if len(self._purposes) >= MAX_PURPOSES:
+                self._purposes.clear()
+            keys = self._purposes[purpose] = PurposeKeys(self, purpose)
+        return keys
+
     def __repr__(self) -> str:
         return f"<Keyring {len(self.keys)} key(s)>"
+
+
+#: How many purposes a `Keyring` keeps bound (see `Keyring.for_purpose`).
+MAX_PURPOSES = 64
+
+
+class PurposeKeys:
+    """
+    A `Keyring`'s keys bound to one purpose: everything about sealing and
+    opening that does not change from one value to the next.
+
+    :ivar openers: for each key id, the key's cipher, the associated data
+        of a value sealed with it for this purpose, and whether that key is
+        not the newest (a value it opens should be sealed again).
+    :ivar cipher: the cipher of the sealing (newest) key.
+    :ivar header: what every value sealed for this purpose starts with: the
+        version and the sealing key's id.
+    :ivar aad: the associated data of a value sealed for this purpose now.
+    """
+
+    __slots__ = ("openers", "cipher", "header", "aad")
+
+    def __init__(self, keyring: Keyring, purpose: str) -> None:
+        self.openers: Dict[bytes, Tuple[AESGCM, bytes, bool]] = {
+            ident: (cipher, _aad(purpose, VERSION, ident), ident != keyring.sealing_id)
+            for ident, cipher in keyring._ciphers.items()
+        }
+        self.cipher, self.aad, _ = self.openers[keyring.sealing_id]
+        self.header = bytes([VERSION]) + keyring.sealing_id
+
+    def __repr__(self) -> str:
+        return f"<PurposeKeys {len(self.openers)} key(s)>"
 
 
 @attr.s(frozen=True, slots=True)
@@ -268,6 +350,11 @@ def _aad(purpose: str, version: int, ident: bytes) -> bytes:
     return b"twistauth seal\x00" + purpose.encode("utf-8") + b"\x00" + bytes([version]) + ident
 
 
+#: The one JSON form of a plaintext: compact, UTF-8, no NaN or infinity
+#: (made once: ``json.dumps`` with options builds an encoder per call).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 @attr.s(kw_only=True, eq=False)
 class Sealer:
     """
@@ -290,25 +377,49 @@ class Sealer:
         :raises TypeError: the payload is not JSON-serialisable.
         """
         try:
-            plaintext = json.dumps(
-                {"iat": now, "exp": now + lifetime, "p": payload},
-                separators=(",", ":"),
-                ensure_ascii=False,
-                allow_nan=False,
-            ).encode("utf-8")
+            plaintext = _ENCODER.encode({"iat": now, "exp": now + lifetime, "p": payload})
         except ValueError as e:
             raise TypeError(f"the payload is not JSON-serialisable: {e}") from None
-        ident = self.keyring.sealing_id
-        cipher = self.keyring.cipher(ident)
-        if cipher is None:  # pragma: no cover - the sealing key is always in the ring
-            raise KeyringError("the sealing key is missing from its keyring")
+        keys = self.keyring.for_purpose(purpose)
         nonce = os.urandom(NONCE_BYTES)
-        sealed = cipher.encrypt(nonce, plaintext, _aad(purpose, VERSION, ident))
-        return _b64encode(bytes([VERSION]) + ident + nonce + sealed)
+        sealed = keys.cipher.encrypt(nonce, plaintext.encode("utf-8"), keys.aad)
+        return _b64encode(keys.header + nonce + sealed)
 
     def unseal(self, token: str, *, purpose: str, now: float) -> Opened:
         """
         Open a sealed value.
+
+        :raises BadSeal: the subclass that says why it does not open.
+        """
+        payload, iat, exp, stale = self._open(token, purpose, now)
+        return Opened(payload=payload, issued_at=iat, expires_at=exp, stale_key=stale)
+
+    def open(self, token: str, *, purpose: str, now: float) -> Optional[Opened]:
+        """
+        Open a sealed value, or answer ``None`` if it does not open for any
+        reason (see `unseal`); never raises for bad input.
+        """
+        try:
+            payload, iat, exp, stale = self._open(token, purpose, now)
+        except BadSeal:
+            return None
+        return Opened(payload=payload, issued_at=iat, expires_at=exp, stale_key=stale)
+
+    def open_payload(self, token: str, *, purpose: str, now: float) -> Optional[Tuple[Any, bool]]:
+        """
+        What `open` answers, as ``(payload, stale_key)``, or ``None``: the
+        same checks without building an `Opened`, for a caller that opens a
+        value per request and needs neither of its times.
+        """
+        try:
+            payload, _, _, stale = self._open(token, purpose, now)
+        except BadSeal:
+            return None
+        return payload, stale
+
+    def _open(self, token: str, purpose: str, now: float) -> Tuple[Any, float, float, bool]:
+        """
+        ``(payload, iat, exp, stale_key)`` of a value that opens.
 
         :raises BadSeal: the subclass that says why it does not open.
         """
@@ -320,13 +431,12 @@ class Sealer:
         version = raw[0]
         if version != VERSION:
             raise UnknownVersion(f"version {version}")
-        ident = raw[1 : 1 + KEY_ID_BYTES]
-        cipher = self.keyring.cipher(ident)
-        if cipher is None:
+        opener = self.keyring.for_purpose(purpose).openers.get(raw[1:_KEY_END])
+        if opener is None:
             raise UnknownKey("not sealed with a key of this keyring")
-        nonce = raw[1 + KEY_ID_BYTES : _HEADER]
+        cipher, aad, stale = opener
         try:
-            plaintext = cipher.decrypt(nonce, raw[_HEADER:], _aad(purpose, version, ident))
+            plaintext = cipher.decrypt(raw[_KEY_END:_HEADER], raw[_HEADER:], aad)
         except InvalidTag:
             raise TamperedSeal("the tag does not verify") from None
         iat, exp, payload = _parse(plaintext)
@@ -334,29 +444,39 @@ class Sealer:
             raise FutureSeal("sealed in the future")
         if exp <= now:
             raise ExpiredSeal("expired")
-        return Opened(
-            payload=payload,
-            issued_at=iat,
-            expires_at=exp,
-            stale_key=ident != self.keyring.sealing_id,
-        )
+        return payload, iat, exp, stale
 
-    def open(self, token: str, *, purpose: str, now: float) -> Optional[Opened]:
-        """
-        Open a sealed value, or answer ``None`` if it does not open for any
-        reason (see `unseal`); never raises for bad input.
-        """
-        try:
-            return self.unseal(token, purpose=purpose, now=now)
-        except BadSeal:
-            return None
+
+def _json_loads(text: str) -> Any:
+    """
+    `json.loads`, minus its option checks and the two whitespace matches
+    around the document when ``text`` is one compact JSON document (every
+    plaintext `Sealer.seal` writes): about a fifth of the cost of decoding
+    a session on CPython.  Anything else (whitespace around the document,
+    data after it, not JSON) is left to `json.loads`, so the answer (or
+    the error) is always the one `json.loads` gives.
+
+    Only on CPython (see `_loads`): PyPy's `json.loads` has a built-in
+    decoder that a `json.JSONDecoder` does not use.
+    """
+    try:
+        value, end = _raw_decode(text)
+    except ValueError:
+        return json.loads(text)
+    if end != len(text):
+        return json.loads(text)
+    return value
+
+
+_raw_decode = json.JSONDecoder().raw_decode
+_loads = json.loads if sys.implementation.name == "pypy" else _json_loads
 
 
 def _parse(plaintext: bytes) -> Tuple[float, float, Any]:
     # Only reached for a value that verified, i.e. one we sealed; still
     # checked, so a bug elsewhere cannot turn into an exception here.
     try:
-        inner = json.loads(plaintext.decode("utf-8"))
+        inner = _loads(plaintext.decode("utf-8"))
         iat, exp = float(inner["iat"]), float(inner["exp"])
         return iat, exp, inner["p"]
     except (ValueError, TypeError, KeyError, UnicodeDecodeError):
