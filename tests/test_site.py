@@ -170,6 +170,51 @@ class NormalRequestTests(_Base):
         self.assertEqual(len(self.ran), 2)
         self.assertNothingLeft(protocol)
 
+    def test_date_without_server(self) -> None:
+        """
+        Answers carry no ``Server`` header (Twisted's names its version)
+        and a ``Date`` of the site's clock, formatted anew each second.
+        """
+        protocol = self.connect()
+        body = b'{"method":"record","parameters":{}}'
+        request = POST_HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        dates = []
+        for advance in (0, 0.4, 0.7, 50):  # (within the idle timeout)
+            self.clock.advance(advance)
+            protocol.test_transport.clear()
+            protocol.dataReceived(request)
+            lines = protocol.test_transport.value().split(b"\r\n\r\n")[0].split(b"\r\n")
+            self.assertEqual(lines[0], b"HTTP/1.1 200 OK")
+            names = [line.split(b":")[0].lower() for line in lines[1:]]
+            self.assertNotIn(b"server", names)
+            self.assertEqual(names.count(b"date"), 1)
+            dates.append([line[6:] for line in lines if line.lower().startswith(b"date:")][0])
+        self.assertEqual(
+            dates,
+            [
+                b"Thu, 01 Jan 1970 00:00:00 GMT",
+                b"Thu, 01 Jan 1970 00:00:00 GMT",
+                b"Thu, 01 Jan 1970 00:00:01 GMT",
+                b"Thu, 01 Jan 1970 00:00:51 GMT",
+            ],
+        )
+        self.assertNothingLeft(protocol)
+
+    def test_options_star(self) -> None:
+        """
+        ``OPTIONS *`` is answered as Twisted answers it; any other method
+        on ``*`` is not allowed.
+        """
+        protocol = self.connect()
+        protocol.dataReceived(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+        protocol.dataReceived(b"GET * HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = protocol.test_transport.value()
+        self.assertEqual(
+            split_response(data), [b"HTTP/1.1 200 OK", b"HTTP/1.1 405 Method Not Allowed"]
+        )
+        self.assertIn(b"Allow: OPTIONS", data)
+        self.assertNothingLeft(protocol)
+
     def test_body_at_the_limit(self) -> None:
         protocol = self.connect()
         body = json.dumps({"method": "record", "parameters": {"x": ""}}).encode()

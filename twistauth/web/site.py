@@ -17,7 +17,10 @@ and stops its idle timeout while a request is handled.  This site adds:
     which Twisted calls once per finished request: no Deferred, no event;
   - a request id (``X-Request-Id``) on the answers it writes itself before
     a request is complete (413, 408); the root resource gives every other
-    request its id.
+    request its id;
+  - no ``Server`` header (Twisted's names its version, which OWASP advises
+    against disclosing), and a ``Date`` header formatted once a second
+    rather than once a request (~2 µs of the ~80 a JSON call costs).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web import resource as _resource
+from twisted.web.http import HTTPChannel, datetimeToString, unquote
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -82,6 +86,29 @@ class GuardedRequest(Request):
             )
             return
         self.content.write(data)  # type: ignore[union-attr]
+
+    def process(self) -> None:
+        """
+        Find the resource and render it: Twisted's ``Request.process``, but
+        with no ``Server`` header and the site's once-a-second ``Date``.
+        """
+        site: TwistauthSite = self.channel.site  # type: ignore[attr-defined]
+        self.site = site
+        self.setHeader(b"date", site.http_date())
+        self.prepath = []
+        self.postpath = list(map(unquote, self.path[1:].split(b"/")))
+        if self.path == b"*":
+            self._handleStar()
+            return
+        try:
+            found = site.getResourceFor(self)
+            if _resource._IEncodingResource.providedBy(found):
+                encoder = found.getEncoder(self)
+                if encoder is not None:
+                    self._encoder = encoder
+            self.render(found)
+        except BaseException:
+            self.processingFailed(Failure())
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         self._arrived()
@@ -250,6 +277,25 @@ def access_log_line(timestamp: str, request: Any) -> str:
     ).replace("\n", " ")
 
 
+class HTTPDate:
+    """
+    The ``Date`` header's value (RFC 9110 IMF-fixdate), formatted once per
+    second of ``clock``.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._second = -1
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        second = int(self._clock.seconds())
+        if second != self._second:
+            self._value = datetimeToString(second)
+            self._second = second
+        return self._value
+
+
 class TwistauthSite(Site):
     """
     The twistauth `Site`.
@@ -310,6 +356,7 @@ class TwistauthSite(Site):
         self._route_names: Dict[bytes, str] = dict(route_names or {})
         self._route_name = route_name
         self.request_ids = request_ids
+        self.http_date = HTTPDate(clock)
 
     def log(self, request: Any) -> None:
         metrics = self.metrics
