@@ -109,7 +109,8 @@ class Dispatcher:
             transaction = Transaction(
                 handler.transaction_id, call.method[:200], batch_key, self.services.clock.seconds()
             )
-            self._hook(self.before_hook, transaction)
+            if self.before_hook is not None:
+                self._hook(self.before_hook, transaction)
         method = self.registry.lookup(call.method)
         if method is None:
             unknown = UnknownMethodError(f"no method named {call.method[:100]!r}")
@@ -149,7 +150,8 @@ class Dispatcher:
         transaction = None
         if self.after_hook is not None or self.before_hook is not None:
             transaction = Transaction(self.next_id(), "batch", None, self.services.clock.seconds())
-            self._hook(self.before_hook, transaction)
+            if self.before_hook is not None:
+                self._hook(self.before_hook, transaction)
         keys: List[str] = []
         outcomes: List[MaybeOutcome] = []
         for key, call in batch.calls.items():
@@ -230,15 +232,16 @@ class Dispatcher:
     def _finish(self, transaction: Optional[Transaction], outcome: Any) -> Any:
         if transaction is not None:
             transaction.duration = self.services.clock.seconds() - transaction.started
-            if outcome is not None and "error" in outcome[1]:
-                transaction.outcome = outcome[1]["error"]["name"]
-                transaction.code = outcome[1]["error"]["code"]
-            self._hook(self.after_hook, transaction)
+            if outcome is not None:
+                error = outcome[1].get("error")
+                if error is not None:
+                    transaction.outcome = error["name"]
+                    transaction.code = error["code"]
+            if self.after_hook is not None:
+                self._hook(self.after_hook, transaction)
         return outcome
 
-    def _hook(self, hook: Optional[Callable[[Transaction], Any]], transaction: Transaction) -> None:
-        if hook is None:
-            return
+    def _hook(self, hook: Callable[[Transaction], Any], transaction: Transaction) -> None:
         try:
             hook(transaction)
         except Exception:
