@@ -17,6 +17,7 @@ from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
+from twistauth import redisconn
 from twistauth.accounts import (
     InvalidUserIdError,
     IUserStore,
@@ -32,7 +33,9 @@ from twistauth.accounts import (
 )
 from twistauth.errors import BackendUnavailableError
 
-STORE_KINDS = ["memory", "yaml", "redis"]
+#: ``redisconn``: Redis through `twistauth.redisconn.connect`, as in
+#: production (its scripts take `redisconn.run_script`'s lean path).
+STORE_KINDS = ["memory", "yaml", "redis", "redisconn"]
 
 
 def redis_connection(port: int) -> Any:
@@ -57,6 +60,11 @@ async def store_and_clock(request: Any, tmp_path: Any) -> AsyncIterator[Any]:
         )
         store.check()
         yield store, clock
+    elif request.param == "redisconn":
+        server = request.getfixturevalue("redis_server")
+        connection = redisconn.connect(server.url, max_retry_delay=0.5)
+        yield RedisUserStore(redis=connection, clock=clock, prefix="t:"), clock
+        await redisconn.disconnect(connection)
     else:
         server = request.getfixturevalue("redis_server")
         connection = redis_connection(server.port)
@@ -350,6 +358,62 @@ async def test_redis_outage_is_503_not_no_such_user(redis_server: Any) -> None:
         assert (await store.create(alice())).version == 1
     finally:
         await connection.disconnect()
+
+
+async def cached_scripts(connection: Any) -> int:
+    """
+    How many Lua scripts Redis holds (``INFO memory``).
+    """
+    info = await connection.execute_command("INFO", "memory")
+    for line in str(info).splitlines():
+        if line.startswith("number_of_cached_scripts:"):
+            return int(line.split(":", 1)[1])
+    raise AssertionError("INFO memory tells no number_of_cached_scripts")
+
+
+async def flush_scripts(connection: Any) -> None:
+    """
+    Make Redis forget every script, as a restart or a failover does.
+    """
+    await connection.execute_command("SCRIPT", "FLUSH")
+    assert await cached_scripts(connection) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_survives_script_flush(redis_server: Any) -> None:
+    """
+    Redis forgetting its scripts (``SCRIPT FLUSH``, a restart, a failover)
+    changes no answer: each script is loaded again.
+    """
+    clock = Clock()
+    clock.advance(1_000_000.125)
+    connection = redisconn.connect(redis_server.url)
+    try:
+        store = RedisUserStore(redis=connection, clock=clock)
+        created = await store.create(alice())
+        assert created.created == 1_000_000.125
+        await flush_scripts(connection)
+        with pytest.raises(UserExistsError):
+            await store.create(alice())
+        await flush_scripts(connection)
+        clock.advance(1)
+        replaced = await store.replace(created)
+        assert (replaced.version, replaced.created, replaced.updated) == (
+            2,
+            1_000_000.125,
+            1_000_001.125,
+        )
+        with pytest.raises(UserConflictError):
+            await store.replace(created)
+        await flush_scripts(connection)
+        assert await store.delete("alice") is True
+        assert await store.delete("alice") is False
+        with pytest.raises(UnknownUserError):
+            await store.replace(replaced)
+        assert await store.get("alice") is None
+        assert await cached_scripts(connection) == 2  # delete, replace
+    finally:
+        await redisconn.disconnect(connection)
 
 
 # -- the record ------------------------------------------------------------

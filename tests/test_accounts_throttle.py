@@ -18,17 +18,20 @@ from twisted.internet.defer import DeferredList
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
+from twistauth import redisconn
 from twistauth.accounts import ILoginThrottle, LoginThrottledError, MemoryLoginThrottle
-from twistauth.accounts.throttle import RedisLoginThrottle, address_key
+from twistauth.accounts.throttle import Attempt, RedisLoginThrottle, address_key
 from twistauth.errors import BackendUnavailableError
 
 Factory = Callable[..., Any]
 
 
-@pytest_twisted.async_yield_fixture(params=["memory", "redis"])
+@pytest_twisted.async_yield_fixture(params=["memory", "redis", "redisconn"])
 async def make(request: Any) -> AsyncIterator[Any]:
     """
-    ``make(**limits)`` → ``(throttle, clock)``.
+    ``make(**limits)`` → ``(throttle, clock)``.  ``redisconn`` is Redis
+    through `twistauth.redisconn.connect`, as in production (its scripts
+    take `redisconn.run_script`'s lean path).
     """
     clock = Clock()
     clock.advance(1_700_000_000)
@@ -38,13 +41,19 @@ async def make(request: Any) -> AsyncIterator[Any]:
         if request.param == "memory":
             return MemoryLoginThrottle(clock=clock, **limits), clock
         server = request.getfixturevalue("redis_server")
-        connection = txredisapi.lazyConnection("127.0.0.1", server.port, convertNumbers=False)
+        if request.param == "redisconn":
+            connection = redisconn.connect(server.url)
+        else:
+            connection = txredisapi.lazyConnection("127.0.0.1", server.port, convertNumbers=False)
         connections.append(connection)
         return RedisLoginThrottle(redis=connection, clock=clock, prefix="t:", **limits), clock
 
     yield factory
     for connection in connections:
-        await connection.disconnect()
+        if request.param == "redisconn":
+            await redisconn.disconnect(connection)
+        else:
+            await connection.disconnect()
     assert clock.getDelayedCalls() == []
 
 
@@ -215,6 +224,58 @@ async def test_redis_outage_fails_closed(redis_server: Any) -> None:
             await throttle.succeeded(attempt)
     finally:
         await connection.disconnect()
+
+
+async def cached_scripts(connection: Any) -> int:
+    """
+    How many Lua scripts Redis holds (``INFO memory``).
+    """
+    info = await connection.execute_command("INFO", "memory")
+    for line in str(info).splitlines():
+        if line.startswith("number_of_cached_scripts:"):
+            return int(line.split(":", 1)[1])
+    raise AssertionError("INFO memory tells no number_of_cached_scripts")
+
+
+async def flush_scripts(connection: Any) -> None:
+    """
+    Make Redis forget every script, as a restart or a failover does.
+    """
+    await connection.execute_command("SCRIPT", "FLUSH")
+    assert await cached_scripts(connection) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_survives_script_flush(redis_server: Any) -> None:
+    """
+    Redis forgetting its scripts (``SCRIPT FLUSH``, a restart, a failover)
+    changes no answer: each script (with one key or two) is loaded again.
+    """
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    connection = redisconn.connect(redis_server.url)
+    try:
+        throttle = RedisLoginThrottle(
+            redis=connection, clock=clock, account_limit=2, address_limit=3, window=60.5
+        )
+        first = await throttle.attempt("alice", "192.0.2.1")
+        await flush_scripts(connection)
+        await throttle.attempt(None, "192.0.2.1")
+        clock.advance(0.25)
+        await flush_scripts(connection)
+        await throttle.attempt("bob", "192.0.2.1")
+        with pytest.raises(LoginThrottledError) as refused:  # the address's third
+            await throttle.attempt("bob", "192.0.2.1")
+        assert refused.value.retry_after == 61  # 60.25 s, rounded up
+        await flush_scripts(connection)
+        await throttle.succeeded(first)
+        await flush_scripts(connection)
+        await throttle.succeeded(Attempt(None, first.address, "unknown", first.time))
+        assert await connection.zcard("twistauth:throttle:address:192.0.2.1") == 2
+        assert await connection.exists("twistauth:throttle:account:alice") in (0, False)
+        assert await cached_scripts(connection) == 1
+    finally:
+        await redisconn.disconnect(connection)
 
 
 def test_account_errors_use_their_code_range_and_rebuild_from_json() -> None:

@@ -17,7 +17,7 @@ import pytest_twisted
 from conftest import RedisServer
 from test_sessions_support import connect
 from twisted.internet import reactor
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import DeferredList, gatherResults
 from twisted.internet.task import Clock, deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -66,8 +66,14 @@ def test_memory_flow_store_takes_once_and_expires() -> None:
     clock.advance(10)
     assert _result(store.take("s2")) is None
     _result(store.put("s3", {}, 10))
-    assert store.stats() == {"stored": 3, "taken": 1, "missing": 2, "expired": 1,
-                             "evicted": 0, "pending": 1}
+    assert store.stats() == {
+        "stored": 3,
+        "taken": 1,
+        "missing": 2,
+        "expired": 1,
+        "evicted": 0,
+        "pending": 1,
+    }
     assert clock.getDelayedCalls() == []
 
 
@@ -181,8 +187,12 @@ async def test_redis_outage_is_503(redis_server: RedisServer) -> None:
         flows = RedisFlowStore(redis=connection, clock=reactor, timeout=0.3)
         jti = RedisJtiStore(redis=connection, clock=reactor, timeout=0.3)
         lock = RedisRefreshLock(redis=connection, clock=reactor, timeout=0.3)
-        for call in (lambda: flows.put("s", {}, 60), lambda: flows.take("s"),
-                     lambda: jti.seen("k", time.time() + 60), lambda: lock.acquire("l", 1)):
+        for call in (
+            lambda: flows.put("s", {}, 60),
+            lambda: flows.take("s"),
+            lambda: jti.seen("k", time.time() + 60),
+            lambda: lock.acquire("l", 1),
+        ):
             with pytest.raises(BackendUnavailableError):
                 await call()
     finally:
@@ -212,6 +222,65 @@ async def test_redis_lock(conn: Any) -> None:
     await deferLater(reactor, 0.25, lambda: None)
     assert await lock.acquire("y", 0.2) is not None
     assert await dead.release() is False  # not its lock any more
+
+
+async def cached_scripts(connection: Any) -> int:
+    """
+    How many Lua scripts Redis holds (``INFO memory``).
+    """
+    info = await connection.execute_command("INFO", "memory")
+    for line in str(info).splitlines():
+        if line.startswith("number_of_cached_scripts:"):
+            return int(line.split(":", 1)[1])
+    raise AssertionError("INFO memory tells no number_of_cached_scripts")
+
+
+async def flush_scripts(connection: Any) -> None:
+    """
+    Make Redis forget every script, as a restart or a failover does.
+    """
+    await connection.execute_command("SCRIPT", "FLUSH")
+    assert await cached_scripts(connection) == 0
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_redis_flow_store_survives_script_flush(conn: Any) -> None:
+    """
+    Redis forgetting its scripts (``SCRIPT FLUSH``, a restart, a failover)
+    changes no answer: the take script is loaded again.
+    """
+    store = RedisFlowStore(redis=conn, clock=reactor)
+    await store.put("one", {"n": 1}, 60)
+    assert await store.take("one") == {"n": 1}
+    await flush_scripts(conn)
+    await store.put("two", {"n": 2}, 60)
+    takes = await gatherResults([store.take("two") for _ in range(5)])
+    assert sorted(takes, key=lambda r: r is None) == [{"n": 2}, None, None, None, None]
+    assert await store.take("one") is None
+    assert await cached_scripts(conn) == 1
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_redis_lock_survives_script_flush(conn: Any) -> None:
+    """
+    The renew and release scripts are loaded again after Redis forgot
+    them, with the same answers.
+    """
+    lock = RedisRefreshLock(redis=conn, clock=reactor)
+    lease = await lock.acquire("x", 0.5)
+    assert lease is not None
+    assert await lease.renew() is True
+    await flush_scripts(conn)
+    assert await lock.renew("x", "not-mine", 5) is False
+    assert await lease.renew() is True
+    assert 400 < int(await conn.execute_command("PTTL", lock.key("x"))) <= 500
+    await flush_scripts(conn)
+    assert await lock.release("x", "not-mine") is False
+    assert await lease.release() is True
+    assert await lease.release() is False
+    assert await cached_scripts(conn) == 1  # the release script
 
 
 # -- two token managers over Redis, the provider on a real socket ----------------
@@ -247,8 +316,13 @@ async def _expire(manager: TokenManager, sealer: TokenSealer, user_id: str) -> N
     expired = context.tokens.to_dict()
     expired["expires_at"] = reactor.seconds() - 1
     entry = dict(stored.tokens["fake"])
-    entry.update(sealer.seal(user_id, "fake", {"tokens": expired, "claims": context.claims,
-                                               "obtained": reactor.seconds() - 31}))
+    entry.update(
+        sealer.seal(
+            user_id,
+            "fake",
+            {"tokens": expired, "claims": context.claims, "obtained": reactor.seconds() - 31},
+        )
+    )
     await manager.users.replace(stored.evolve(tokens={"fake": entry}))
 
 
@@ -261,8 +335,7 @@ async def test_two_managers_over_redis(redis_server: RedisServer) -> None:
     token-endpoint call, no reused refresh token; then a dead holder's
     lock expires and the next caller refreshes (#48, #49, R1).
     """
-    provider, port = await serve_provider(rotate_refresh_tokens=True,
-                                          access_token_lifetime=30)
+    provider, port = await serve_provider(rotate_refresh_tokens=True, access_token_lifetime=30)
     connections = [connect(redis_server), connect(redis_server)]
     http = make_http_client(reactor, persistent=False)
     try:
@@ -271,10 +344,13 @@ async def test_two_managers_over_redis(redis_server: RedisServer) -> None:
         managers = [
             TokenManager(
                 users=RedisUserStore(redis=c, clock=reactor),
-                parties={"fake": rp}, sealer=sealer, clock=reactor,
+                parties={"fake": rp},
+                sealer=sealer,
+                clock=reactor,
                 lock=RedisRefreshLock(redis=c, clock=reactor, timeout=2),
                 end_sessions=lambda user_id, reason: None,
-                lock_lease=0.3, poll_interval=0.01,
+                lock_lease=0.3,
+                poll_interval=0.01,
             )
             for c in connections
         ]

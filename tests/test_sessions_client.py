@@ -18,7 +18,7 @@ import pytest_twisted
 from conftest import RedisServer
 from test_sessions_support import IDLE, connect, result_of
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -514,6 +514,73 @@ async def test_redis_revocations_expire_with_the_session(conn: Any) -> None:
     await cache.delete_user("ann")
     ttl = await conn.execute_command("PTTL", "twistauth:rv:u:ann")
     assert (1000 + 300 - 1) * 1000 <= ttl <= (1000 + 300) * 1000
+
+
+async def cached_scripts(connection: Any) -> int:
+    """
+    How many Lua scripts Redis holds (``INFO memory``).
+    """
+    info = await connection.execute_command("INFO", "memory")
+    for line in str(info).splitlines():
+        if line.startswith("number_of_cached_scripts:"):
+            return int(line.split(":", 1)[1])
+    raise AssertionError("INFO memory tells no number_of_cached_scripts")
+
+
+async def flush_scripts(connection: Any) -> None:
+    """
+    Make Redis forget every script, as a restart or a failover does.
+    """
+    await connection.execute_command("SCRIPT", "FLUSH")
+    assert await cached_scripts(connection) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_revocations_survive_script_flush(conn: Any) -> None:
+    """
+    Redis forgetting its scripts (``SCRIPT FLUSH``, a restart, a failover)
+    changes no answer: each script is loaded again, by concurrent checks
+    too.
+    """
+    clock = Clock()
+    clock.advance(1_000_000)
+    now = clock.seconds()
+    revocations = RedisRevocations(redis=conn, clock=clock)
+
+    def session(session_id: str, user_id: str, logged_in: Any = now) -> Session:
+        return Session(
+            id=session_id, created=now, last_seen=now, user_id=user_id, authenticated_at=logged_in
+        )
+
+    sessions = [
+        session("live", "ann"),
+        session("gone", "ann"),
+        session("old", "bob", now - 10),
+        session("new", "bob", now + 0.5),
+        session("unknown-login", "bob", None),
+        Session(id="provider", created=now, last_seen=now, issuer="https://op", provider_sid="x"),
+    ]
+    await revocations.revoke_session("gone", 60)
+    await revocations.revoke_user("bob", now + 0.25, 60)
+    await revocations.revoke_provider_session("https://op", "x", 60)
+    expected = [False, True, True, False, True, True]
+    assert [await revocations.is_revoked(s) for s in sessions] == expected
+    await flush_scripts(conn)
+    assert await gatherResults([revocations.is_revoked(s) for s in sessions * 5]) == expected * 5
+    await flush_scripts(conn)
+    await revocations.revoke_user("ann", now + 1.5, 60)
+    assert await conn.get("twistauth:rv:u:ann") == "1000001.5"
+    await revocations.revoke_user("bob", now, 60)  # an earlier time changes nothing
+    assert await conn.get("twistauth:rv:u:bob") == "1000000.25"
+    assert [await revocations.is_revoked(s) for s in sessions] == [
+        True,
+        True,
+        True,
+        False,
+        True,
+        True,
+    ]
+    assert await cached_scripts(conn) == 2
 
 
 @pytest_twisted.ensureDeferred

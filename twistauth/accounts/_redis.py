@@ -1,6 +1,7 @@
 """
 Calling Redis from the account stores: every call goes through
-`twistauth.redisconn.call` (a deadline on the injected clock; an outage
+`twistauth.redisconn.call` or, for a Lua script,
+`twistauth.redisconn.run_script` (a deadline on the injected clock; an outage
 becomes `twistauth.errors.BackendUnavailableError`), and an outage is
 logged once when it starts and once when it ends, not once per call.
 """
@@ -51,11 +52,25 @@ class RedisCaller:
         )
         return d.addCallbacks(self._answered, self._failed, errbackArgs=(command,))
 
-    def eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def eval(self, script: redisconn.Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """
-        Run a Lua script (by SHA once Redis knows it).
+        Run a Lua script by `redisconn.run_script` (by SHA; loaded again if
+        Redis forgot it), with the deadline.
+
+        :param keys: exactly ``script.keys`` keys.
+        :param args: sent as ``str(arg)``: format a float yourself (``repr``).
+        :return: as `__call__`.
         """
-        return self("eval", script, list(keys), [str(a) for a in args])
+        d = redisconn.run_script(
+            self.redis,
+            script,
+            keys,
+            [str(a) for a in args],
+            clock=self.clock,
+            timeout=self.timeout,
+            what=f"the {self.what}",
+        )
+        return d.addCallbacks(self._answered, self._failed, errbackArgs=("eval",))
 
     def _answered(self, reply: Any) -> Any:
         if self._down:

@@ -27,6 +27,7 @@ import attr
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
+from twistauth import redisconn
 from twistauth.accounts._interfaces import IUserStore, User
 from twistauth.accounts._redis import RedisCaller
 from twistauth.accounts.errors import UnknownUserError, UserConflictError, UserExistsError
@@ -54,6 +55,12 @@ local n = redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[1])
 return n
 """
+
+# (module-level: each script's EVALSHA prefix is encoded once: see
+# `twistauth.redisconn.run_script`).
+_CREATE_SCRIPT = redisconn.Script(_CREATE, keys=2)
+_REPLACE_SCRIPT = redisconn.Script(_REPLACE, keys=1)
+_DELETE_SCRIPT = redisconn.Script(_DELETE, keys=2)
 
 
 def _encode(user: User) -> List[str]:
@@ -142,7 +149,7 @@ class RedisUserStore:
             return stored
 
         d = self._call.eval(
-            _CREATE, [self._key(user.user_id), self._index], [user.user_id, *_encode(stored)]
+            _CREATE_SCRIPT, [self._key(user.user_id), self._index], [user.user_id, *_encode(stored)]
         )
         return d.addCallback(created)
 
@@ -159,12 +166,12 @@ class RedisUserStore:
             return stored.evolve(created=float(answer))
 
         d = self._call.eval(
-            _REPLACE, [self._key(user.user_id)], [str(user.version), *_encode(stored)]
+            _REPLACE_SCRIPT, [self._key(user.user_id)], [str(user.version), *_encode(stored)]
         )
         return d.addCallback(replaced)
 
     def delete(self, user_id: str) -> Any:
-        d = self._call.eval(_DELETE, [self._key(user_id), self._index], [user_id])
+        d = self._call.eval(_DELETE_SCRIPT, [self._key(user_id), self._index], [user_id])
         return d.addCallback(lambda n: int(n) > 0)
 
     def user_ids(self) -> Any:

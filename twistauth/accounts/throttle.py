@@ -30,6 +30,7 @@ from twisted.internet.defer import fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
+from twistauth import redisconn
 from twistauth.accounts._interfaces import ILoginThrottle
 from twistauth.accounts._redis import RedisCaller
 from twistauth.accounts.errors import LoginThrottledError
@@ -187,6 +188,12 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 return 1
 """
 
+# (module-level: each script's EVALSHA prefix is encoded once: see
+# `twistauth.redisconn.run_script`).  A script's number of keys is part of
+# it: one for an address alone, two with an account, by ``len(keys) - 1``.
+_ATTEMPT_SCRIPTS = (redisconn.Script(_ATTEMPT, keys=1), redisconn.Script(_ATTEMPT, keys=2))
+_SUCCEEDED_SCRIPTS = (redisconn.Script(_SUCCEEDED, keys=1), redisconn.Script(_SUCCEEDED, keys=2))
+
 
 @implementer(ILoginThrottle)
 @attr.s(kw_only=True)
@@ -239,13 +246,15 @@ class RedisLoginThrottle:
                 raise LoginThrottledError(retry_after=float(wait))
             return Attempt(account, where, member, now)
 
-        return self._call.eval(_ATTEMPT, keys, args).addCallback(answered)
+        return self._call.eval(_ATTEMPT_SCRIPTS[len(keys) - 1], keys, args).addCallback(answered)
 
     def succeeded(self, attempt: Attempt) -> Any:
         keys = [self._address(attempt.address)]
         if attempt.account is not None:
             keys.append(self._account(attempt.account))
-        return self._call.eval(_SUCCEEDED, keys, [attempt.member]).addCallback(lambda _: None)
+        return self._call.eval(
+            _SUCCEEDED_SCRIPTS[len(keys) - 1], keys, [attempt.member]
+        ).addCallback(lambda _: None)
 
 
 __all__ = [

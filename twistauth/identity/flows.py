@@ -53,6 +53,10 @@ if value then redis.call('DEL', KEYS[1]) end
 return value
 """
 
+# (module-level: its EVALSHA prefix is encoded once: see
+# `redisconn.run_script`).
+_TAKE_SCRIPT = redisconn.Script(_TAKE, keys=1)
+
 
 def state_digest(state: str) -> str:
     """
@@ -240,7 +244,15 @@ class RedisFlowStore:
         return d.addCallback(stored)
 
     def take(self, state: str) -> Deferred[Optional[Dict[str, Any]]]:
-        d = self._call(self.redis.eval, _TAKE, [self.key(state)], [])
+        d = redisconn.run_script(
+            self.redis,
+            _TAKE_SCRIPT,
+            (self.key(state),),
+            (),
+            clock=self.clock,
+            timeout=self.timeout,
+            what="the login flow store (Redis)",
+        )
 
         def taken(value: Any) -> Optional[Dict[str, Any]]:
             if value is None:
@@ -315,9 +327,7 @@ class FlowBinder:
             if record is None:
                 raise InvalidStateError()
             if not binding_matches(secret, record.pop("binding", None)):
-                raise InvalidStateError(
-                    "this login was not started in this browser; start again"
-                )
+                raise InvalidStateError("this login was not started in this browser; start again")
             return record
 
         return self.store.take(state).addCallback(check)

@@ -44,7 +44,7 @@ import hashlib
 import json
 import os
 import secrets
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import attr
 from cryptography.exceptions import InvalidTag
@@ -83,8 +83,16 @@ _AAD_PREFIX = b"twistauth oidc tokens v1\x00"
 
 #: ID token claims shown in ``profile["oidc"]["claims"]`` (display only).
 DISPLAY_CLAIMS = (
-    "name", "given_name", "family_name", "preferred_username", "nickname", "email",
-    "email_verified", "picture", "locale", "zoneinfo",
+    "name",
+    "given_name",
+    "family_name",
+    "preferred_username",
+    "nickname",
+    "email",
+    "email_verified",
+    "picture",
+    "locale",
+    "zoneinfo",
 )
 
 LOCAL_SID_PREFIX = "rp:"
@@ -369,6 +377,11 @@ end
 return 0
 """
 
+# (module-level: each script's EVALSHA prefix is encoded once: see
+# `redisconn.run_script`).
+_RENEW_SCRIPT = redisconn.Script(_RENEW, keys=1)
+_RELEASE_SCRIPT = redisconn.Script(_RELEASE, keys=1)
+
 
 @implementer(IRefreshLock)
 @attr.s(kw_only=True, eq=False)
@@ -395,6 +408,23 @@ class RedisRefreshLock:
             self.clock, self.timeout, function, *args, what="the token refresh lock (Redis)"
         )
 
+    def _run(
+        self, script: redisconn.Script, keys: Sequence[str], args: Sequence[str]
+    ) -> Deferred[Any]:
+        """
+        Run one of the scripts, with the call deadline (an outage fails it
+        with `twistauth.errors.BackendUnavailableError`).
+        """
+        return redisconn.run_script(
+            self.redis,
+            script,
+            keys,
+            args,
+            clock=self.clock,
+            timeout=self.timeout,
+            what="the token refresh lock (Redis)",
+        )
+
     def acquire(self, name: str, lease: float) -> Deferred[Optional[Lease]]:
         token = secrets.token_hex(16)
         ms = max(1, int(lease * 1000))
@@ -409,11 +439,11 @@ class RedisRefreshLock:
 
     def renew(self, name: str, token: str, lease: float) -> Deferred[bool]:
         ms = str(max(1, int(lease * 1000)))
-        d = self._call(self.redis.eval, _RENEW, [self.key(name)], [token, ms])
+        d = self._run(_RENEW_SCRIPT, (self.key(name),), (token, ms))
         return d.addCallback(lambda reply: bool(int(reply or 0)))
 
     def release(self, name: str, token: str) -> Deferred[bool]:
-        d = self._call(self.redis.eval, _RELEASE, [self.key(name)], [token])
+        d = self._run(_RELEASE_SCRIPT, (self.key(name),), (token,))
         return d.addCallback(lambda reply: bool(int(reply or 0)))
 
 
@@ -545,8 +575,11 @@ class TokenManager:
         source = dict(result.claims)
         if result.userinfo:
             source.update(result.userinfo)
-        claims = {k: source[k] for k in DISPLAY_CLAIMS if k in source
-                  and isinstance(source[k], (str, bool, int, float))}
+        claims = {
+            k: source[k]
+            for k in DISPLAY_CLAIMS
+            if k in source and isinstance(source[k], (str, bool, int, float))
+        }
         return {
             "provider": result.provider,
             "issuer": result.issuer,
@@ -572,9 +605,7 @@ class TokenManager:
             )
             raise LoginConflictError()
 
-    def record_login(
-        self, user_id: str, result: LoginResult, *, sid: str
-    ) -> Deferred[User]:
+    def record_login(self, user_id: str, result: LoginResult, *, sid: str) -> Deferred[User]:
         """
         Store a finished login's tokens (sealed), its claims, and the login
         (``sid`` and time) for back-channel logout.
@@ -597,7 +628,7 @@ class TokenManager:
             logins.append([sid, now])
             if len(logins) > self.max_logins:
                 dropped = logins[: len(logins) - self.max_logins]
-                logins = logins[len(logins) - self.max_logins:]
+                logins = logins[len(logins) - self.max_logins :]
                 older = max([older or 0.0] + [at for _, at in dropped])
             entry: Dict[str, Any] = dict(sealed, updated=now, logins=logins)
             if older is not None:
@@ -617,9 +648,7 @@ class TokenManager:
         if not isinstance(entry, Mapping):
             return [], None
         horizon = now - self.session_lifetime
-        logins = [
-            [sid, at] for sid, at in _logins(entry) if at > horizon
-        ]
+        logins = [[sid, at] for sid, at in _logins(entry) if at > horizon]
         older = entry.get("older_logins_before")
         if not isinstance(older, (int, float)) or older <= horizon:
             older = None
@@ -644,9 +673,9 @@ class TokenManager:
             if not isinstance(entry, dict):
                 return user
             tokens = dict(user.tokens)
-            tokens[provider] = dict(entry, logins=[
-                [sid, at] for sid, at in _logins(entry) if sid not in gone
-            ])
+            tokens[provider] = dict(
+                entry, logins=[[sid, at] for sid, at in _logins(entry) if sid not in gone]
+            )
             return user.evolve(tokens=tokens)
 
         return modify_user(self.users, user_id, change)
@@ -661,8 +690,9 @@ class TokenManager:
             if not isinstance(entry, dict):
                 return user
             tokens = dict(user.tokens)
-            tokens[provider] = {k: v for k, v in entry.items()
-                                if k in ("logins", "older_logins_before")}
+            tokens[provider] = {
+                k: v for k, v in entry.items() if k in ("logins", "older_logins_before")
+            }
             return user.evolve(tokens=tokens)
 
         self._backoff.pop((user_id, provider), None)
@@ -678,8 +708,9 @@ class TokenManager:
             return identity["provider"]
         return provider_of(user.user_id)
 
-    def _context(self, user: Optional[User], user_id: str,
-                 provider: Optional[str]) -> Tuple[UserContext, Dict[str, Any]]:
+    def _context(
+        self, user: Optional[User], user_id: str, provider: Optional[str]
+    ) -> Tuple[UserContext, Dict[str, Any]]:
         if user is None:
             raise NoProviderLoginError()
         name = self._provider_for(user, provider)
@@ -857,8 +888,8 @@ class TokenManager:
                 self.metrics.refresh("failure", e.name)
             key = (user_id, provider)
             previous = self._backoff.get(key)
-            delay = self.retry_initial if previous is None else min(
-                self.retry_max, previous.delay * 2
+            delay = (
+                self.retry_initial if previous is None else min(self.retry_max, previous.delay * 2)
             )
             self._backoff[key] = _Backoff(
                 next_at=self.clock.seconds() + delay, delay=delay, error=Failure(e)
@@ -879,7 +910,10 @@ class TokenManager:
                 renewing.stop()
         self._backoff.pop((user_id, provider), None)
         fresh = UserContext(
-            user_id=user_id, provider=provider, tokens=result.tokens, claims=result.claims,
+            user_id=user_id,
+            provider=provider,
+            tokens=result.tokens,
+            claims=result.claims,
             obtained_at=self.clock.seconds(),
         )
         await self._store_refreshed(fresh, entry)
@@ -894,8 +928,10 @@ class TokenManager:
                 log.warn("twistauth: a token refresh outlived its lock's lease")
 
         def failed(failure: Failure) -> None:
-            log.warn("twistauth: could not renew a token refresh lock: {error}",
-                     error=failure.getErrorMessage())
+            log.warn(
+                "twistauth: could not renew a token refresh lock: {error}",
+                error=failure.getErrorMessage(),
+            )
 
         return lease.renew().addCallbacks(answered, failed)
 
@@ -903,8 +939,11 @@ class TokenManager:
         sealed = self.sealer.seal(
             fresh.user_id,
             fresh.provider,
-            {"tokens": fresh.tokens.to_dict(), "claims": fresh.claims,
-             "obtained": fresh.obtained_at},
+            {
+                "tokens": fresh.tokens.to_dict(),
+                "claims": fresh.claims,
+                "obtained": fresh.obtained_at,
+            },
         )
         now = self.clock.seconds()
 
@@ -928,15 +967,21 @@ class TokenManager:
         except CancelledError:
             raise
         except Exception as e:
-            log.error("twistauth: could not delete the dead tokens of {user_id}: {error}",
-                      user_id=user_id, error=str(e))
+            log.error(
+                "twistauth: could not delete the dead tokens of {user_id}: {error}",
+                user_id=user_id,
+                error=str(e),
+            )
         try:
             await maybeDeferred(self.end_sessions, user_id, "refresh_rejected")
         except CancelledError:
             raise
         except Exception as e:
-            log.error("twistauth: could not end the sessions of {user_id}: {error}",
-                      user_id=user_id, error=str(e))
+            log.error(
+                "twistauth: could not end the sessions of {user_id}: {error}",
+                user_id=user_id,
+                error=str(e),
+            )
 
 
 def _logins(entry: Mapping[str, Any]) -> List[Tuple[str, float]]:

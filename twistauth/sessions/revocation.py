@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import attr
 from twisted.internet.defer import Deferred, succeed
@@ -150,6 +150,11 @@ end
 return 0
 """
 
+# (module-level: each script's EVALSHA prefix is encoded once, and the
+# checks run on the lean path: see `redisconn.run_script`).
+_REVOKE_USER_SCRIPT = redisconn.Script(_REVOKE_USER, keys=1)
+_IS_REVOKED_SCRIPT = redisconn.Script(_IS_REVOKED, keys=3)
+
 
 def _ms(ttl: float) -> str:
     return str(max(1, int(ttl * 1000)))
@@ -161,7 +166,8 @@ class RedisRevocations:
     """
     Revocation records in Redis, each a key with a TTL:
     ``P rv:s:<session id>``, ``P rv:u:<user id>`` (the not-before time) and
-    ``P rv:p:<sha256(issuer, sid)>``.  A check is one ``MGET``.
+    ``P rv:p:<sha256(issuer, sid)>``.  A check is one Lua script
+    (`redisconn.run_script`).
 
     :param redis: a connection from `twistauth.redisconn.connect`.
     :param clock: the clock of the call deadlines.
@@ -180,6 +186,24 @@ class RedisRevocations:
             self.call_timeout,
             getattr(self.redis, method),
             *args,
+            what="the session store (Redis)",
+            unavailable=SessionStoreUnavailableError,
+        )
+
+    def _run(
+        self, script: redisconn.Script, keys: Sequence[str], args: Sequence[str]
+    ) -> Deferred[Any]:
+        """
+        Run one of the scripts, with the call deadline; an outage fails
+        it with `SessionStoreUnavailableError`.
+        """
+        return redisconn.run_script(
+            self.redis,
+            script,
+            keys,
+            args,
+            clock=self.clock,
+            timeout=self.call_timeout,
             what="the session store (Redis)",
             unavailable=SessionStoreUnavailableError,
         )
@@ -203,8 +227,8 @@ class RedisRevocations:
 
     def revoke_user(self, user_id: str, not_before: float, ttl: float) -> Deferred[None]:
         return self._done(
-            self._call(
-                "eval", _REVOKE_USER, [self._user_key(user_id)], [json.dumps(not_before), _ms(ttl)]
+            self._run(
+                _REVOKE_USER_SCRIPT, (self._user_key(user_id),), (json.dumps(not_before), _ms(ttl))
             )
         )
 
@@ -218,8 +242,12 @@ class RedisRevocations:
         if session.issuer is not None and session.provider_sid is not None:
             provider = self._provider_key(session.issuer, session.provider_sid)
         logged_in = "" if session.authenticated_at is None else json.dumps(session.authenticated_at)
-        d = self._call(
-            "eval", _IS_REVOKED, [self._session_key(session.id), user, provider], [logged_in]
+        d = self._run(
+            _IS_REVOKED_SCRIPT, (self._session_key(session.id), user, provider), (logged_in,)
         )
-        d.addCallback(lambda revoked: int(revoked) == 1)
+        d.addCallback(_is_one)
         return d
+
+
+def _is_one(reply: Any) -> bool:
+    return int(reply) == 1
