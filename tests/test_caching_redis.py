@@ -29,7 +29,7 @@ from twistauth.caching import (
     cached,
     make_method_cache,
 )
-from twistauth.caching.redis import STATUS_MAX
+from twistauth.caching.redis import _LOOKUP_SCRIPTS, STATUS_MAX
 from twistauth.methods.registry import MethodRegistry
 from twistauth.testing._client import MethodClient
 
@@ -295,3 +295,29 @@ async def test_through_the_http_stack_and_the_builder(redis_server: RedisServer)
         assert cache.stats()["hits"] == 2
     finally:
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_lookups_survive_script_flush_and_any_key_count(
+    redis_server: RedisServer, connections: List[Any]
+) -> None:
+    """
+    Lookups run by ``EVALSHA`` (`redisconn.run_script`): after ``SCRIPT
+    FLUSH`` the script is loaded again and the answers do not change, for
+    shared and per-user entries; a lookup of more generations than the
+    cache's methods use goes through a plain ``EVAL`` and answers alike.
+    """
+    conn = connect(redis_server)
+    connections.append(conn)
+    backend = RedisCacheBackend(redis=conn, clock=reactor, timeout=1.0)
+    for generations in (["g:a"], ["g:a", "g:a:u"], ["g:a", "g:b", "g:c"]):
+        key, value = await backend.lookup(generations, "s")
+        assert value is None and key.endswith(":s")
+        await backend.store(key, "v1", 60)
+        assert await backend.lookup(generations, "s") == (key, "v1")
+        sha = _LOOKUP_SCRIPTS[0].sha
+        assert await conn.execute_command("SCRIPT", "EXISTS", sha) == [1]
+        await conn.execute_command("SCRIPT", "FLUSH")
+        assert await conn.execute_command("SCRIPT", "EXISTS", sha) == [0]
+        assert await backend.lookup(generations, "s") == (key, "v1")
+        assert await conn.execute_command("SCRIPT", "EXISTS", sha) == [1]

@@ -68,6 +68,14 @@ return redis.status_reply('OK')
 """
 
 
+# The lookup once per number of generation keys (a script's key count is
+# part of its EVALSHA command; see `redisconn.run_script`): a method's
+# namespace, and its per-user generation when it has one.  (A bump, off
+# the hot path and of any number of keys, is a plain EVAL, as a lookup of
+# more keys would be.)
+_LOOKUP_SCRIPTS = (redisconn.Script(_LOOKUP, keys=1), redisconn.Script(_LOOKUP, keys=2))
+
+
 def _check_prefix(instance: Any, attribute: Any, value: Any) -> None:
     if not isinstance(value, str) or not value or any(c.isspace() for c in value):
         raise ValueError(f"the cache key prefix must be text without spaces, got {value!r}")
@@ -97,6 +105,19 @@ class RedisCacheBackend:
     prefix: str = attr.ib(default="twistauth:cache:", validator=_check_prefix)
     generation_ttl: int = attr.ib(default=2 * 86400)
 
+    def _run(
+        self, script: redisconn.Script, keys: Sequence[str], args: Sequence[str]
+    ) -> Deferred[Any]:
+        return redisconn.run_script(
+            self.redis,
+            script,
+            keys,
+            args,
+            clock=self.clock,
+            timeout=self.timeout,
+            what="the method cache (Redis)",
+        )
+
     def _call(self, method: str, *args: Any) -> Deferred[Any]:
         return redisconn.call(
             self.clock,
@@ -109,18 +130,18 @@ class RedisCacheBackend:
     def lookup(
         self, generation_keys: Sequence[str], suffix: str
     ) -> Deferred[Tuple[str, Optional[str]]]:
-        d = self._call(
-            "eval",
-            _LOOKUP,
-            [self.prefix + g for g in generation_keys],
-            [
-                secrets.token_hex(8) + "-",
-                self.prefix + "v:",
-                suffix,
-                str(self.generation_ttl),
-                str(STATUS_MAX),
-            ],
-        )
+        keys = [self.prefix + g for g in generation_keys]
+        args = [
+            secrets.token_hex(8) + "-",
+            self.prefix + "v:",
+            suffix,
+            str(self.generation_ttl),
+            str(STATUS_MAX),
+        ]
+        if 0 < len(keys) <= len(_LOOKUP_SCRIPTS):
+            d = self._run(_LOOKUP_SCRIPTS[len(keys) - 1], keys, args)
+        else:  # (no method of the cache asks for more)
+            d = self._call("eval", _LOOKUP, keys, args)
         d.addCallback(self._parse)
         return d
 
