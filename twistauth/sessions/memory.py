@@ -5,8 +5,9 @@ Sessions live in a dict in this process, so this cache is only for a
 deployment of one process (the composition root refuses more).  It keeps
 the same rules as the Redis cache, so code tested against it behaves the
 same there: state goes through JSON on save (a value that is not
-JSON-serialisable fails here too, and a tuple reads back as a list), a save stores only the keys that changed, a save after a
-delete is dropped, and expiry is measured on the injected clock.
+JSON-serialisable fails here too, and a tuple reads back as a list), a
+save stores only the keys that changed, a save after a delete is dropped,
+and expiry is measured on the injected clock.
 
 The number of sessions is bounded: past ``max_entries`` the least recently
 used session is dropped (its client is logged out).  Expired sessions are

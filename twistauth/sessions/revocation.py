@@ -107,9 +107,8 @@ class MemoryRevocations:
 
     def revoked(self, session: Session) -> bool:
         """
-        What `is_revoked` answers, as a plain value: this store needs no
-        I/O, so a caller on the path of every request (the client-side
-        session cache's ``load``) asks without a Deferred.
+        What `is_revoked` answers, as a plain value (this store needs no
+        I/O).
         """
         self._purge()
         user = self._users.get(session.user_id) if session.user_id is not None else None
