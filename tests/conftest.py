@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import pytest
 
@@ -164,3 +164,22 @@ def twistd_path() -> str:
     The twistd of the Python running the tests (the installed plugin).
     """
     return twistd_executable()
+
+
+async def cached_scripts(connection: Any) -> int:
+    """
+    How many Lua scripts Redis holds (``INFO memory``).
+    """
+    info = await connection.execute_command("INFO", "memory")
+    for line in str(info).splitlines():
+        if line.startswith("number_of_cached_scripts:"):
+            return int(line.split(":", 1)[1])
+    raise AssertionError("INFO memory tells no number_of_cached_scripts")
+
+
+async def flush_scripts(connection: Any) -> None:
+    """
+    Make Redis forget every script, as a restart or a failover does.
+    """
+    await connection.execute_command("SCRIPT", "FLUSH")
+    assert await cached_scripts(connection) == 0

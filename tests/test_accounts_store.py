@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator, List
 import pytest
 import pytest_twisted
 import txredisapi
+from conftest import cached_scripts, flush_scripts
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.internet.task import Clock
@@ -358,25 +359,6 @@ async def test_redis_outage_is_503_not_no_such_user(redis_server: Any) -> None:
         assert (await store.create(alice())).version == 1
     finally:
         await connection.disconnect()
-
-
-async def cached_scripts(connection: Any) -> int:
-    """
-    How many Lua scripts Redis holds (``INFO memory``).
-    """
-    info = await connection.execute_command("INFO", "memory")
-    for line in str(info).splitlines():
-        if line.startswith("number_of_cached_scripts:"):
-            return int(line.split(":", 1)[1])
-    raise AssertionError("INFO memory tells no number_of_cached_scripts")
-
-
-async def flush_scripts(connection: Any) -> None:
-    """
-    Make Redis forget every script, as a restart or a failover does.
-    """
-    await connection.execute_command("SCRIPT", "FLUSH")
-    assert await cached_scripts(connection) == 0
 
 
 @pytest_twisted.ensureDeferred

@@ -14,7 +14,7 @@ from typing import Any, Iterator, List
 
 import pytest
 import pytest_twisted
-from conftest import RedisServer
+from conftest import RedisServer, cached_scripts, flush_scripts
 from test_sessions_support import connect
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, gatherResults
@@ -222,25 +222,6 @@ async def test_redis_lock(conn: Any) -> None:
     await deferLater(reactor, 0.25, lambda: None)
     assert await lock.acquire("y", 0.2) is not None
     assert await dead.release() is False  # not its lock any more
-
-
-async def cached_scripts(connection: Any) -> int:
-    """
-    How many Lua scripts Redis holds (``INFO memory``).
-    """
-    info = await connection.execute_command("INFO", "memory")
-    for line in str(info).splitlines():
-        if line.startswith("number_of_cached_scripts:"):
-            return int(line.split(":", 1)[1])
-    raise AssertionError("INFO memory tells no number_of_cached_scripts")
-
-
-async def flush_scripts(connection: Any) -> None:
-    """
-    Make Redis forget every script, as a restart or a failover does.
-    """
-    await connection.execute_command("SCRIPT", "FLUSH")
-    assert await cached_scripts(connection) == 0
 
 
 @pytest.mark.integration

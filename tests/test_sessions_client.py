@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import pytest
 import pytest_twisted
-from conftest import RedisServer
+from conftest import RedisServer, cached_scripts, flush_scripts
 from test_sessions_support import IDLE, connect, result_of
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
@@ -514,25 +514,6 @@ async def test_redis_revocations_expire_with_the_session(conn: Any) -> None:
     await cache.delete_user("ann")
     ttl = await conn.execute_command("PTTL", "twistauth:rv:u:ann")
     assert (1000 + 300 - 1) * 1000 <= ttl <= (1000 + 300) * 1000
-
-
-async def cached_scripts(connection: Any) -> int:
-    """
-    How many Lua scripts Redis holds (``INFO memory``).
-    """
-    info = await connection.execute_command("INFO", "memory")
-    for line in str(info).splitlines():
-        if line.startswith("number_of_cached_scripts:"):
-            return int(line.split(":", 1)[1])
-    raise AssertionError("INFO memory tells no number_of_cached_scripts")
-
-
-async def flush_scripts(connection: Any) -> None:
-    """
-    Make Redis forget every script, as a restart or a failover does.
-    """
-    await connection.execute_command("SCRIPT", "FLUSH")
-    assert await cached_scripts(connection) == 0
 
 
 @pytest_twisted.ensureDeferred
