@@ -14,11 +14,15 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Sequence
 
 import attr
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 
+from twistauth import redisconn
 from twistauth.sessions._interfaces import Session
+from twistauth.sessions.errors import SessionStoreUnavailableError
 
 #: Random bytes in a session id or CSRF token (256 bits; the floor is 128).
 ID_BYTES = 32
@@ -187,4 +191,29 @@ def load_session(
         signing_key=fields.get("signing_key"),
         version=version,
         data=data,
+    )
+
+
+def run_store_script(
+    redis: Any,
+    clock: IReactorTime,
+    timeout: float,
+    script: redisconn.Script,
+    keys: Sequence[str],
+    args: Sequence[str],
+) -> Deferred[Any]:
+    """
+    Run a Lua script of the Redis session store (the cache or its
+    revocation records) with its deadline: an outage fails it with
+    `SessionStoreUnavailableError`, as every call of the store does.
+    """
+    return redisconn.run_script(
+        redis,
+        script,
+        keys,
+        args,
+        clock=clock,
+        timeout=timeout,
+        what="the session store (Redis)",
+        unavailable=SessionStoreUnavailableError,
     )

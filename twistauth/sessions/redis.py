@@ -63,9 +63,9 @@ from twistauth.sessions._common import (
     load_session,
     new_id,
     new_session,
+    run_store_script,
 )
 from twistauth.sessions._interfaces import ISessionCache, Session
-from twistauth.sessions.errors import SessionStoreUnavailableError
 
 #: An index set with more members than this is pruned of dead ids on write.
 PRUNE_ABOVE = 16
@@ -285,20 +285,7 @@ class RedisSessionCache:
     def _run(
         self, script: redisconn.Script, keys: Sequence[str], args: Sequence[str]
     ) -> Deferred[Any]:
-        """
-        Run one of the scripts, with the call deadline; an outage fails
-        it with `SessionStoreUnavailableError`.
-        """
-        return redisconn.run_script(
-            self.redis,
-            script,
-            keys,
-            args,
-            clock=self.clock,
-            timeout=self.call_timeout,
-            what="the session store (Redis)",
-            unavailable=SessionStoreUnavailableError,
-        )
+        return run_store_script(self.redis, self.clock, self.call_timeout, script, keys, args)
 
     # -- ISessionCache ---------------------------------------------------
 

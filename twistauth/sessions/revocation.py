@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from twistauth import redisconn
+from twistauth.sessions._common import run_store_script
 from twistauth.sessions._interfaces import IRevocations, Session
 from twistauth.sessions.errors import SessionStoreUnavailableError
 
@@ -192,20 +193,7 @@ class RedisRevocations:
     def _run(
         self, script: redisconn.Script, keys: Sequence[str], args: Sequence[str]
     ) -> Deferred[Any]:
-        """
-        Run one of the scripts, with the call deadline; an outage fails
-        it with `SessionStoreUnavailableError`.
-        """
-        return redisconn.run_script(
-            self.redis,
-            script,
-            keys,
-            args,
-            clock=self.clock,
-            timeout=self.call_timeout,
-            what="the session store (Redis)",
-            unavailable=SessionStoreUnavailableError,
-        )
+        return run_store_script(self.redis, self.clock, self.call_timeout, script, keys, args)
 
     def _session_key(self, session_id: str) -> str:
         return f"{self.key_prefix}rv:s:{session_id}"
