@@ -370,6 +370,29 @@ class TransitionTests(AccessTestCase):
         session = self.successResultOf(h.app.services.sessions.load(c.token))
         self.assertNotIn(ACL_KEY, session)
 
+    def test_the_policy_is_read_only(self) -> None:
+        """
+        Compiled ACLs are cached from the policy, so the policy cannot be
+        changed after it is made: a change would be silently ignored by
+        every cached ACL.
+        """
+        control = AccessControl(lifted=["app.*"], role_grants={"admin": ["admin.*"]})
+        before = control.compiled("lifted", frozenset({"admin"}))
+        for name, value in [
+            ("initial", ("app.*",)),
+            ("lifted", ("*",)),
+            ("role_grants", {}),
+            ("lift_on_login", False),
+        ]:
+            with self.assertRaises(attr.exceptions.FrozenAttributeError):
+                setattr(control, name, value)
+        with self.assertRaises(TypeError):
+            control.role_grants["admin"] = ("*",)  # type: ignore[index]
+        self.assertEqual(control.role_grants, {"admin": ("admin.*",)})
+        self.assertIs(control.compiled("lifted", frozenset({"admin"})), before)
+        self.assertIsNone(before.refusal("admin.purge"))
+        self.assertIsNotNone(before.refusal("other.call"))
+
 
 # -- 401 / 403, batches, default deny ----------------------------------------
 

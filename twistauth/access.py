@@ -58,6 +58,7 @@ import functools
 import inspect
 import re
 import weakref
+from types import MappingProxyType
 from typing import (
     Any,
     Callable,
@@ -787,6 +788,15 @@ def _log_refusal(method: str, session: Any, reason: str, request: Any) -> None:
 # The access control: policy, authorizer, session ACLs.
 
 
+def _read_only_grants(
+    grants: Union[Iterable[str], Mapping[str, Any], None],
+) -> Mapping[str, Tuple[str, ...]]:
+    """
+    `parse_role_grants`, as a mapping that cannot be changed.
+    """
+    return MappingProxyType(parse_role_grants(grants))
+
+
 def _recheck_interval(value: Optional[float]) -> Optional[float]:
     if value is None:
         return None
@@ -817,10 +827,18 @@ class AccessControl:
         session's account (0: every call; ``None``: never).
     """
 
-    initial: Tuple[str, ...] = attr.ib(default=DEFAULT_INITIAL_ACL, converter=check_acl_patterns)
-    lifted: Tuple[str, ...] = attr.ib(default=DEFAULT_LIFTED_ACL, converter=check_acl_patterns)
-    role_grants: Dict[str, Tuple[str, ...]] = attr.ib(factory=dict, converter=parse_role_grants)
-    lift_on_login: bool = attr.ib(default=True)
+    # The policy is read-only once made: compiled ACLs are cached from it,
+    # so a change would go unseen by sessions whose ACL is already cached.
+    initial: Tuple[str, ...] = attr.ib(
+        default=DEFAULT_INITIAL_ACL, converter=check_acl_patterns, on_setattr=attr.setters.frozen
+    )
+    lifted: Tuple[str, ...] = attr.ib(
+        default=DEFAULT_LIFTED_ACL, converter=check_acl_patterns, on_setattr=attr.setters.frozen
+    )
+    role_grants: Mapping[str, Tuple[str, ...]] = attr.ib(
+        factory=dict, converter=_read_only_grants, on_setattr=attr.setters.frozen
+    )
+    lift_on_login: bool = attr.ib(default=True, on_setattr=attr.setters.frozen)
     roles: Optional[IRoleProvider] = attr.ib(default=None)
     recheck_interval: Optional[float] = attr.ib(
         default=DEFAULT_RECHECK_INTERVAL, converter=_recheck_interval
