@@ -83,6 +83,7 @@ class _Base(SynchronousTestCase):
                 "bytes_key": {b"k": 1},
                 "deep": _deep(5_000),
                 "big": 2**70,
+                "circular": _circular(),
             }[kind]
 
         @registry.method("unencodable.later")
@@ -106,6 +107,12 @@ def _deep(depth: int) -> Any:
     value: Any = []
     for _ in range(depth):
         value = [value]
+    return value
+
+
+def _circular() -> Any:
+    value: Any = {"self": None}
+    value["self"] = value
     return value
 
 
@@ -261,7 +268,7 @@ class UnencodableTests(_Base):
             self.assertNotIn(leak, response.body.decode("utf-8", "replace"))
 
     def test_unencodable_json(self) -> None:
-        for kind in ("set", "object", "nan", "bytes_key", "deep"):
+        for kind in ("set", "object", "nan", "bytes_key", "deep", "circular"):
             response = self.request(
                 "POST", b'{"method":"unencodable","parameters":{"kind":"%s"}}' % kind.encode()
             )

@@ -5,10 +5,11 @@ and nothing else.
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from twistauth._fired import PENDING, fired_value
+from twistauth._fired import PENDING, fired_value, is_deferred
 
 
 class FiredValueTests(SynchronousTestCase):
@@ -33,3 +34,34 @@ class FiredValueTests(SynchronousTestCase):
         self.assertIs(fired_value(outer), PENDING)
         inner.callback(5)
         self.assertEqual(fired_value(outer), 5)
+
+
+class IsDeferredTests(SynchronousTestCase):
+    def test_same_answer_as_isinstance(self) -> None:
+        class Mine(Deferred):  # type: ignore[type-arg]
+            pass
+
+        class Plain:
+            pass
+
+        values = [
+            Deferred(),
+            succeed(1),
+            Mine(),
+            DeferredList([]),
+            (200, {"result": 1}, None),
+            {"x": 1},
+            [1],
+            "s",
+            b"b",
+            1,
+            1.5,
+            True,
+            None,
+            Failure(ValueError("no")),
+            Plain(),
+            Deferred,
+        ]
+        for value in values:
+            self.assertEqual(is_deferred(value), isinstance(value, Deferred), value)
+        self.assertEqual([is_deferred(v) for v in values[:4]], [True] * 4)

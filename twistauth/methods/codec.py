@@ -49,7 +49,12 @@ def _bounded_int(text: str) -> int:
 _json_decode = json.JSONDecoder(
     parse_constant=_no_constants, parse_float=_finite_float, parse_int=_bounded_int
 ).decode
-_json_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+# No check for circular references (a map of the containers seen, kept on
+# every call): a circular answer recurses until ``RecursionError``, which
+# the endpoint answers as it does every value it cannot encode.
+_json_encode = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False
+).encode
 
 
 def json_depth_exceeds(body: bytes, limit: int) -> bool:

@@ -29,6 +29,7 @@ from twisted.internet.defer import (
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twistauth._fired import is_deferred
 from twistauth.errors import InternalError, TwistauthError, UnknownMethodError
 from twistauth.methods.envelope import Batch, Call
 from twistauth.methods.handler import Handler, Services
@@ -120,7 +121,7 @@ class Dispatcher:
                 allowed = self.authorize(handler, method)
             except Exception as e:
                 return self._finish(transaction, self._failed(handler, e))
-            if isinstance(allowed, Deferred):
+            if is_deferred(allowed):
                 d: Deferred[Any] = allowed.addCallback(
                     lambda _: ensureDeferred(_as_awaitable(method.invoke(handler, call.parameters)))
                 )
@@ -129,7 +130,7 @@ class Dispatcher:
             result = method.invoke(handler, call.parameters)
         except Exception as e:
             return self._finish(transaction, self._failed(handler, e))
-        if isinstance(result, Deferred) or inspect.iscoroutine(result):
+        if is_deferred(result) or inspect.iscoroutine(result):
             return self._settle(ensureDeferred(result), transaction, handler)
         return self._finish(transaction, (200, {"result": result}, None))
 

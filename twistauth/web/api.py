@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from twistauth._fired import PENDING, fired_value
+from twistauth._fired import PENDING, fired_value, is_deferred
 from twistauth.errors import (
     BodyTooLargeError,
     InternalError,
@@ -109,7 +109,7 @@ class APIResource(Resource):
         if token is None:
             scope = SessionScope(cache)  # type: ignore[arg-type]
             outcome = self._call(request, codec, scope, answer=False)
-            if not isinstance(outcome, Deferred) and scope.untouched:
+            if not is_deferred(outcome) and scope.untouched:
                 if carrier is not None:
                     transport.apply(request, carrier, UNCHANGED, None)
                 return self._write(request, codec, outcome)
@@ -131,7 +131,7 @@ class APIResource(Resource):
         Answer with ``outcome`` now if it is there (a body with a
         ``Content-Length``), else when it comes.
         """
-        if isinstance(outcome, Deferred):
+        if is_deferred(outcome):
             value = fired_value(outcome)
             if value is PENDING:
                 self._answer_later(request, codec, outcome)
@@ -176,7 +176,7 @@ class APIResource(Resource):
         ``outcome`` once the session is committed and the client told what
         the commit decided: at once when nothing waits on I/O.
         """
-        if isinstance(outcome, Deferred):
+        if is_deferred(outcome):
             value = fired_value(outcome)
             if value is PENDING:
                 return outcome.addCallback(self._commit, request, scope, carrier)
@@ -240,7 +240,7 @@ class APIResource(Resource):
                 outcome = self.dispatcher.run_batch(envelope, request, scope)  # type: ignore[arg-type]
         if not answer:
             return outcome
-        if isinstance(outcome, Deferred):
+        if is_deferred(outcome):
             self._answer_later(request, codec, outcome)
             return NOT_DONE_YET
         return self._write(request, codec, outcome)
