@@ -8,6 +8,7 @@ of the kernel's or of ``wrk``'s.
 
     python3 bench/inproc.py                       # every server, 5 rounds
     python3 bench/inproc.py --servers twistauth-memory,bare-memory --profile
+    python3 bench/inproc.py --instructions 1000   # instructions, by callgrind
 
 It complements ``bench/run.py --scenario sessions`` (which measures real
 sockets under load): on a shared, noisy machine, the CPU time of a tight
@@ -15,6 +16,15 @@ in-process loop (the best of several rounds) is far steadier than req/s,
 so it is the tool for finding and checking a regression; ``run.py`` remains
 the figure to report.  Only the servers whose sessions answer without I/O
 are here (memory and sealed cookies).
+
+``--instructions N`` counts instead the machine instructions a request
+takes, under valgrind's callgrind (Debian's ``valgrind``): the server runs
+``N`` more requests in one run than in another, and the difference of the
+two totals is divided by ``N``.  The count does not depend on what else
+the machine is doing (it is the same, give or take a fraction of a
+percent, from one run to the next), so it shows changes of 1% that timing
+cannot; it does not see what makes instructions slow (cache misses,
+branches), so time remains the figure to report.
 """
 
 from __future__ import annotations
@@ -22,8 +32,11 @@ from __future__ import annotations
 import argparse
 import base64
 import cProfile
+import os
 import pstats
+import re
 import secrets
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -82,6 +95,32 @@ def _bare(store_kind: str) -> Tuple[Any, List[Tuple[str, str]]]:
         store = SealedStore(secrets.token_bytes(32))
     site = Site(Api(store), parsePOSTFormSubmission=False)
     return site, [("Cookie", "sid=" + store.create({"user_id": "bench"}))]
+
+
+def _bare_with_headers() -> Tuple[Any, List[Tuple[str, str]]]:
+    """
+    bare-memory, answering with the five headers a twistauth header-mode
+    answer adds (request id, session token and expiry, ``no-store``,
+    ``nosniff``): what those headers alone cost, with no other twistauth
+    work.
+    """
+    from session_bare import Api, MemoryStore
+    from twisted.web.server import Site
+
+    class HeadersApi(Api):  # type: ignore[misc]
+        def _answer(self, request: Any, body: bytes, session: Any) -> bytes:
+            request.setHeader(b"x-request-id", b"%016x" % secrets.randbits(64))
+            request.setHeader(b"x-twistauth-session", self.token)
+            request.setHeader(b"x-twistauth-session-expires", b"%d" % (time.time() + 1800))
+            request.setHeader(b"cache-control", b"no-store")
+            request.setHeader(b"x-content-type-options", b"nosniff")
+            return super()._answer(request, body, session)
+
+    store = MemoryStore()
+    sid = store.create({"user_id": "bench"})
+    api = HeadersApi(store)
+    api.token = sid.encode()
+    return Site(api, parsePOSTFormSubmission=False), [("Cookie", "sid=" + sid)]
 
 
 def _twistauth(cache: str) -> Tuple[Any, List[Tuple[str, str]]]:
@@ -149,12 +188,14 @@ SERVERS: Dict[str, Callable[[], Tuple[Any, List[Tuple[str, str]]]]] = {
     "bare-echo": _bare_echo,
     "twistauth-anonymous": _twistauth_anonymous,
     "bare-memory": lambda: _bare("memory"),
+    "bare-memory-headers": _bare_with_headers,
     "bare-sealed": lambda: _bare("sealed"),
     "twistauth-memory": lambda: _twistauth("memory"),
     "twistauth-client": lambda: _twistauth("client"),
 }
 
 COUNTERPARTS = {
+    "bare-memory-headers": "bare-memory",
     "twistauth-anonymous": "bare-echo",
     "twistauth-memory": "bare-memory",
     "twistauth-client": "bare-sealed",
@@ -182,11 +223,12 @@ def measure(site: Any, headers: List[Tuple[str, str]], count: int) -> float:
     if not out.startswith(b"HTTP/1.1 200") or ANSWER not in out:
         raise SystemExit(f"unexpected answer: {out[:400]!r}")
     send = connection.send
-    token = headers[0][1].encode() if headers else b""
+    follows = bool(headers) and headers[0][0] == "X-Twistauth-Session"
+    token = headers[0][1].encode() if follows else b""
     start = time.process_time()
     for _ in range(count):
         out = send(data)
-        at = out.find(_TOKEN)
+        at = out.find(_TOKEN) if follows else -1
         if at >= 0:
             at += len(_TOKEN)
             latest = out[at : out.index(b"\r\n", at)]
@@ -194,6 +236,40 @@ def measure(site: Any, headers: List[Tuple[str, str]], count: int) -> float:
                 token = latest
                 data = _request([(headers[0][0], token.decode())])
     return (time.process_time() - start) / count * 1e6
+
+
+def instructions(name: str, count: int) -> float:
+    """
+    Instructions per request of the server ``name``, counted by callgrind
+    over ``count`` requests (see the module's docstring).
+    """
+
+    def collected(requests: int) -> int:
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            __file__,
+            "--servers",
+            name,
+            "--count",
+            str(requests),
+            "--rounds",
+            "1",
+        ]
+        # A fixed hash seed: string hashing otherwise varies the count.
+        env = dict(os.environ, PYTHONHASHSEED="0")
+        run = subprocess.run(command, capture_output=True, text=True, env=env)
+        found = re.search(r"Collected : (\d+)", run.stderr)
+        if run.returncode != 0 or found is None:
+            raise SystemExit(f"{name}: callgrind failed:\n{run.stdout}{run.stderr[-2000:]}")
+        return int(found.group(1))
+
+    # Both runs warm up alike (the first requests fill caches), so their
+    # difference is what the extra requests cost.
+    warm = 200
+    return (collected(warm + count) - collected(warm)) / count
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -204,8 +280,23 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--profile", action="store_true", help="print a cProfile of each server")
     p.add_argument("--sort", default="tottime", help="the profile's order (tottime)")
     p.add_argument("--lines", type=int, default=25, help="the profile's rows (25)")
+    p.add_argument(
+        "--instructions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="count instructions per request over N requests, by callgrind",
+    )
     options = p.parse_args(argv)
     names = options.servers.split(",")
+    if options.instructions:
+        counted = {name: instructions(name, options.instructions) for name in names}
+        print(f"{'server':<20} {'instructions/request':>21} {'vs counterpart':>15}")
+        for name in names:
+            other = COUNTERPARTS.get(name)
+            ratio = f"{counted[other] / counted[name]:.2f}x {other}" if other in counted else ""
+            print(f"{name:<20} {counted[name]:>21,.0f} {ratio:>15}")
+        return
     built = {name: SERVERS[name]() for name in names}
     best: Dict[str, float] = {name: float("inf") for name in names}
     for _ in range(options.rounds):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# What bench/run.py needs beyond the test extras: wrk and redis-server
-# (Debian) and the peer servers it compares against (aiohttp, aiohttp-session,
+# What bench/run.py needs beyond the test extras: wrk, redis-server and
+# valgrind (Debian) and the peer servers it compares against (aiohttp, aiohttp-session,
 # redis-py with hiredis, tornado, from PyPI).  Installs only what is missing.
 #
 #   PYTHON=.venv/bin/python bash bench/setup.sh          the CPython side
@@ -25,6 +25,7 @@ need_apt=()
 command -v wrk >/dev/null || need_apt+=(wrk)
 command -v taskset >/dev/null || need_apt+=(util-linux)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
+command -v valgrind >/dev/null || need_apt+=(valgrind)  # bench/inproc.py --instructions
 if [ "$PYPY" = yes ]; then
     if ! command -v pypy3 >/dev/null || ! pypy3 -c 'import ensurepip, venv' 2>/dev/null; then
         need_apt+=(pypy3 pypy3-venv)
