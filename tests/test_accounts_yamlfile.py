@@ -355,7 +355,11 @@ def test_readers_never_see_a_partial_file(fast_dir: str) -> None:
         writer.wait()
     assert seen == sorted(seen)
     assert seen[-1] == 299
-    assert len(set(seen)) > 30  # the reads did overlap the writes
+    # The reads did overlap the writes.  How many generations a reader
+    # sees depends on how the two processes are scheduled: on a loaded
+    # machine (2 cores, other jobs) it saw 30 or fewer, so only a few are
+    # required.
+    assert len(set(seen)) > 5
 
 
 _INCREMENTER = """
