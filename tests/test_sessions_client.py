@@ -222,6 +222,32 @@ class ClientCacheTests(SynchronousTestCase):
         self.assertIsNone(self.load(retired, token))
         self.assertEqual(self.load(retired, resealed)["a"], 1)
 
+    def test_a_token_loaded_again_is_checked_again(self) -> None:
+        """
+        A token loaded before (its sealer remembers what it opened) loads
+        into a session of its own each time, is marked for re-sealing
+        each time while its key is old, stops loading once its key is
+        retired, and is checked for revocation on every load.
+        """
+        old = self.cache(keys=[K_OLD])
+        token = self.saved(old, "ann", a={"n": 1})
+        first = self.load(old, token)
+        first["a"]["n"] = 2
+        first["b"] = 3
+        again = self.load(old, token)
+        self.assertEqual((again["a"], again.get("b")), ({"n": 1}, None))
+        old.replace_keys([K_NEW, K_OLD])
+        for _ in range(2):
+            self.assertTrue(self.load(old, token).dirty)
+        old.replace_keys([K_NEW])
+        self.assertIsNone(self.load(old, token))
+        cache = self.cache()
+        phone = self.saved(cache, "bob")
+        self.assertIsNotNone(self.load(cache, phone))
+        self.clock.advance(1)
+        result_of(cache.delete_user("bob"))
+        self.assertIsNone(self.load(cache, phone))
+
     def test_rolling_restart_adding_a_key_logs_nobody_out(self) -> None:
         """
         R9: stage 1 deploys the new key second (open-only) process by

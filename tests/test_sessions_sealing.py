@@ -22,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twistauth.sessions import sealing
 from twistauth.sessions.sealing import (
     KEY_ID_BYTES,
+    MAX_OPENED,
     MAX_PURPOSES,
     MIN_SEALED_BYTES,
     NONCE_BYTES,
@@ -517,6 +518,124 @@ class PurposeKeysTests(SynchronousTestCase):
             other = purposes[n - 1]
             self.assertIsNone(sealer.open(token, purpose=other, now=NOW))
         self.assertLessEqual(len(sealer.keyring._purposes), MAX_PURPOSES)
+
+
+class CountingCipher:
+    """
+    A cipher that counts its decryptions (an ``AESGCM`` cannot be patched).
+    """
+
+    def __init__(self, cipher: object) -> None:
+        self.cipher = cipher
+        self.decrypted = 0
+
+    def decrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+        self.decrypted += 1
+        return self.cipher.decrypt(nonce, data, aad)  # type: ignore[attr-defined, no-any-return]
+
+
+class OpenedTests(SynchronousTestCase):
+    """
+    What a `Sealer` remembers of the values it opened: it spares the
+    decryption of a value presented again, and nothing else.
+    """
+
+    def counting(self, sealer: Sealer, purpose: str = PURPOSE) -> CountingCipher:
+        keys = sealer.keyring.for_purpose(purpose)
+        ident = sealer.keyring.sealing_id
+        cipher, aad, stale = keys.openers[ident]
+        counting = CountingCipher(cipher)
+        keys.openers[ident] = (counting, aad, stale)  # type: ignore[assignment]
+        return counting
+
+    def test_opened_again_without_decrypting(self) -> None:
+        """
+        The same text opens again without a decryption, into objects of
+        its own (a caller may change what it got).
+        """
+        sealer = _sealer()
+        counting = self.counting(sealer)
+        token = sealer.seal(PAYLOAD, purpose=PURPOSE, now=NOW, lifetime=60)
+        first = sealer.unseal(token, purpose=PURPOSE, now=NOW)
+        first.payload["d"]["cart"].append("pen")
+        second = sealer.unseal(token, purpose=PURPOSE, now=NOW + 1)
+        self.assertEqual(counting.decrypted, 1)
+        self.assertEqual(second.payload, PAYLOAD)
+        self.assertEqual((second.issued_at, second.expires_at), (NOW, NOW + 60))
+        self.assertEqual(sealer.open_payload(token, purpose=PURPOSE, now=NOW), (PAYLOAD, False))
+        self.assertEqual(counting.decrypted, 1)
+
+    def test_times_are_checked_on_every_open(self) -> None:
+        """
+        A remembered value still expires at its ``exp``, and is then
+        forgotten; one sealed too far ahead of the clock is refused, even
+        once it opened on a clock further on.
+        """
+        sealer = _sealer()
+        token = sealer.seal(PAYLOAD, purpose=PURPOSE, now=NOW, lifetime=60)
+        self.assertIsNotNone(sealer.open(token, purpose=PURPOSE, now=NOW))
+        self.assertIn(token, sealer._opened)
+        with self.assertRaises(ExpiredSeal):
+            sealer.unseal(token, purpose=PURPOSE, now=NOW + 60)
+        self.assertNotIn(token, sealer._opened)
+        ahead = sealer.seal(PAYLOAD, purpose=PURPOSE, now=NOW + 301, lifetime=600)
+        for _ in range(2):
+            with self.assertRaises(FutureSeal):
+                sealer.unseal(ahead, purpose=PURPOSE, now=NOW)
+        self.assertIsNotNone(sealer.open(ahead, purpose=PURPOSE, now=NOW + 1))
+        with self.assertRaises(FutureSeal):
+            sealer.unseal(ahead, purpose=PURPOSE, now=NOW)
+
+    def test_only_for_its_purpose(self) -> None:
+        """
+        A value remembered for one purpose still does not open for
+        another, nor once its purpose's keys were dropped and made again
+        (`MAX_PURPOSES`) without decrypting it again.
+        """
+        sealer = _sealer()
+        token = sealer.seal(PAYLOAD, purpose=PURPOSE, now=NOW, lifetime=60)
+        self.assertIsNotNone(sealer.open(token, purpose=PURPOSE, now=NOW))
+        with self.assertRaises(TamperedSeal):
+            sealer.unseal(token, purpose="twistauth session/header", now=NOW)
+        for n in range(MAX_PURPOSES):
+            sealer.keyring.for_purpose(f"purpose {n}")
+        counting = self.counting(sealer)
+        self.assertEqual(sealer.unseal(token, purpose=PURPOSE, now=NOW).payload, PAYLOAD)
+        self.assertEqual(counting.decrypted, 1)
+
+    def test_stale_key_is_remembered(self) -> None:
+        token = _sealer(K1).seal(PAYLOAD, purpose=PURPOSE, now=NOW, lifetime=60)
+        rotated = _sealer(K2, K1)
+        for _ in range(2):
+            self.assertTrue(rotated.unseal(token, purpose=PURPOSE, now=NOW).stale_key)
+
+    def test_only_values_that_open(self) -> None:
+        sealer = _sealer()
+        token = sealer.seal(PAYLOAD, purpose=PURPOSE, now=NOW, lifetime=60)
+        raw = _raw(token)
+        for text, purpose, now in (
+            (_text(raw[:-1] + bytes([raw[-1] ^ 1])), PURPOSE, NOW),
+            (token, "other", NOW),
+            (token, PURPOSE, NOW + 60),
+            (token[:-2], PURPOSE, NOW),
+        ):
+            self.assertIsNone(sealer.open(text, purpose=purpose, now=now))
+        self.assertEqual(sealer._opened, {})
+
+    def test_bounded(self) -> None:
+        """
+        At most `MAX_OPENED` values are remembered (here made smaller);
+        every one still opens once they are forgotten.
+        """
+        self.patch(sealing, "MAX_OPENED", 8)
+        sealer = _sealer()
+        tokens = [sealer.seal(n, purpose=PURPOSE, now=NOW, lifetime=60) for n in range(20)]
+        for n, token in enumerate(tokens):
+            self.assertEqual(sealer.unseal(token, purpose=PURPOSE, now=NOW).payload, n)
+            self.assertLessEqual(len(sealer._opened), 8)
+        for n, token in enumerate(tokens):
+            self.assertEqual(sealer.unseal(token, purpose=PURPOSE, now=NOW).payload, n)
+        self.assertGreater(MAX_OPENED, 1000)
 
 
 class KeyTests(SynchronousTestCase):

@@ -118,7 +118,8 @@ class ClientSessionCache:
         Seal with ``keys`` from now on (a rotation on reload): the first
         seals, all open.  Tokens sealed with a key still listed keep
         opening and are re-sealed with the new first key when used; tokens
-        sealed with a key no longer listed stop opening.
+        sealed with a key no longer listed stop opening (the new `Sealer`
+        remembers none of the tokens the old one opened).
 
         :raises twistauth.sessions.sealing.KeyringError: a key is unusable;
             the old keys stay in use.

@@ -30,6 +30,10 @@ truncated, too short, unknown version or key, wrong purpose, expired, from
 the future): to a client these all mean "no session", never an error.
 `Sealer.unseal` raises the `BadSeal` subclass that says why, for tests and
 diagnostics.
+
+A `Sealer` remembers the plaintext of the values it opened last (see
+`Sealer._open`): a client presents the same value on every request until it
+is sealed again, and decrypting it once more would give the same bytes.
 """
 
 from __future__ import annotations
@@ -355,6 +359,11 @@ def _aad(purpose: str, version: int, ident: bytes) -> bytes:
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+#: How many opened values a `Sealer` remembers (see `Sealer._open`): about
+#: a kilobyte each for a session.
+MAX_OPENED = 4096
+
+
 @attr.s(kw_only=True, eq=False)
 class Sealer:
     """
@@ -369,6 +378,9 @@ class Sealer:
     keyring: Keyring = attr.ib()
     max_future_skew: float = attr.ib(default=300.0)
     max_length: int = attr.ib(default=16384)
+    _opened: Dict[str, Tuple[PurposeKeys, bytes, bool]] = attr.ib(
+        init=False, factory=dict, repr=False
+    )
 
     def seal(self, payload: Any, *, purpose: str, now: float, lifetime: float) -> str:
         """
@@ -421,30 +433,67 @@ class Sealer:
         """
         ``(payload, iat, exp, stale_key)`` of a value that opens.
 
+        A value that opened is remembered as its plaintext, with the keys
+        of the purpose it opened for (at most `MAX_OPENED` values, all
+        forgotten when there are more).  The very same text presented for
+        the same purpose and keys then skips the base64 and the
+        decryption, which would give the same bytes again; any other text,
+        purpose or keyring is decrypted.  On PyPy that is most of the cost
+        of a client-side session: each ``cryptography`` call goes through
+        cpyext, which calls back into Python for every buffer argument and
+        moves each new buffer out of the nursery.  The rest is done on
+        every open: the payload is decoded again (each caller gets objects
+        of its own) and the times are checked against ``now`` (an expired
+        value is forgotten).  The text is looked up as the memory cache
+        looks up a session id: a dictionary compares it only with a text
+        of the same hash.
+
         :raises BadSeal: the subclass that says why it does not open.
         """
         if not isinstance(token, str) or len(token) > self.max_length:
             raise MalformedSeal("not a string of acceptable length")
-        raw = _b64decode(token)
-        if len(raw) < MIN_SEALED_BYTES:
-            raise MalformedSeal("too short")
-        version = raw[0]
-        if version != VERSION:
-            raise UnknownVersion(f"version {version}")
-        opener = self.keyring.for_purpose(purpose).openers.get(raw[1:_KEY_END])
-        if opener is None:
-            raise UnknownKey("not sealed with a key of this keyring")
-        cipher, aad, stale = opener
-        try:
-            plaintext = cipher.decrypt(raw[_KEY_END:_HEADER], raw[_HEADER:], aad)
-        except InvalidTag:
-            raise TamperedSeal("the tag does not verify") from None
+        keys = self.keyring.for_purpose(purpose)
+        known = self._opened.get(token)
+        if known is not None and known[0] is keys:
+            _, plaintext, stale = known
+        else:
+            known = None
+            plaintext, stale = _decrypt(token, keys)
         iat, exp, payload = _parse(plaintext)
         if iat > now + self.max_future_skew:
             raise FutureSeal("sealed in the future")
         if exp <= now:
+            if known is not None:
+                del self._opened[token]
             raise ExpiredSeal("expired")
+        if known is None:
+            if len(self._opened) >= MAX_OPENED:
+                self._opened.clear()
+            self._opened[token] = (keys, plaintext, stale)
         return payload, iat, exp, stale
+
+
+def _decrypt(token: str, keys: PurposeKeys) -> Tuple[bytes, bool]:
+    """
+    The plaintext of a value sealed for the purpose of ``keys``, and
+    whether it was sealed with a key other than the newest.
+
+    :raises BadSeal: the subclass that says why it does not open.
+    """
+    raw = _b64decode(token)
+    if len(raw) < MIN_SEALED_BYTES:
+        raise MalformedSeal("too short")
+    version = raw[0]
+    if version != VERSION:
+        raise UnknownVersion(f"version {version}")
+    opener = keys.openers.get(raw[1:_KEY_END])
+    if opener is None:
+        raise UnknownKey("not sealed with a key of this keyring")
+    cipher, aad, stale = opener
+    try:
+        return cipher.decrypt(raw[_KEY_END:_HEADER], raw[_HEADER:], aad), stale
+    except InvalidTag:
+        raise TamperedSeal("the tag does not verify") from None
 
 
 def _json_loads(text: str) -> Any:
