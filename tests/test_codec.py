@@ -7,6 +7,7 @@ msgpack in and out, content negotiation, and every malformed body answering
 from __future__ import annotations
 
 import json
+import random
 from typing import Any, Dict, Optional
 
 import msgpack
@@ -15,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twistauth.app import make_app
 from twistauth.errors import InvalidJSONError, NotAcceptableError, TooDeepError
+from twistauth.methods import codec
 from twistauth.methods.codec import (
     JSON,
     MSGPACK,
@@ -110,6 +112,57 @@ class DecodeTests(SynchronousTestCase):
         for body in (b"", b"{", b"{'a': 1}", b"[1,]", b"\xef\xbb\xbf{}", b"{} {}"):
             with self.assertRaises(InvalidJSONError, msg=repr(body)):
                 JSON.decode(body, 32)
+
+    def test_built_in_decoder_answers_as_the_careful_one(self) -> None:
+        """
+        PyPy decodes through its built-in decoder when a body cannot hold a
+        number out of range: every body decodes to the same values (and
+        types, and float bits), or fails with the same message, as through
+        the careful decoder.  Run on both interpreters.
+        """
+        rng = random.Random(97)
+        bodies = [
+            b'{"method":"echo","parameters":{"x":1}}',
+            b'["NaN", "Infinity", "1234567890123456789012", "1e999"]',
+            b"[NaN]",
+            b"[-Infinity]",
+            b"[1e308, 1e-307, 1E+308, 2.5e-5, -0.0, -0]",
+            b"[1e309]",
+            b"[1E+0400]",
+            b"[18446744073709551615, -9223372036854775808]",
+            b"[18446744073709551616]",
+            b"[999999999999999999, -999999999999999999]",
+            b"[" + b"9" * 400 + b".0]",
+            b"[" + b"1" * 5000 + b"]",
+            b'{"a":1,"a":2}',
+            b' {"a": [1, 2, {"b": null}]} ',
+            b'["\\u00e9\\ud83d\\ude00", "\\\\u0000"]',
+            b'["a\x01b"]',
+            b'"a\\u0001b"',
+            b'"tab\\there"',
+            b'"raw\tcontrol"',
+            b"",
+            b"{",
+            b"[1,]",
+            b"{} {}",
+            b"\xef\xbb\xbf{}",
+            b"[01]",
+            b"[.5]",
+            b"[1.]",
+            b"[true, false, null, TRUE]",
+        ]
+        for _ in range(500):
+            number = rng.uniform(-1e6, 1e6) * 10 ** rng.randrange(-300, 300)
+            bodies.append(b"[%r, %.17g, %d]" % (number, number, rng.randrange(-(10**18), 10**18)))
+        for body in bodies:
+            text = body.decode("utf-8")
+            outcomes = []
+            for decode in (codec._pypy_decode, codec._careful_decode):
+                try:
+                    outcomes.append(("value", repr(decode(text, body))))
+                except ValueError as e:
+                    outcomes.append(("error", str(e)))
+            self.assertEqual(outcomes[0], outcomes[1], body[:80])
 
     def test_msgpack_rejects_what_json_cannot_say(self) -> None:
         for value, fragment in [
