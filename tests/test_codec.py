@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twistauth.app import make_app
 from twistauth.errors import InvalidJSONError, NotAcceptableError, TooDeepError
-from twistauth.methods import codec
+from twistauth.methods import codec as codec_module
 from twistauth.methods.codec import (
     JSON,
     MSGPACK,
@@ -157,7 +157,7 @@ class DecodeTests(SynchronousTestCase):
         for body in bodies:
             text = body.decode("utf-8")
             outcomes = []
-            for decode in (codec._pypy_decode, codec._careful_decode):
+            for decode in (codec_module._pypy_decode, codec_module._careful_decode):
                 try:
                     outcomes.append(("value", repr(decode(text, body))))
                 except ValueError as e:
