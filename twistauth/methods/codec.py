@@ -77,11 +77,15 @@ def _pypy_decode(text: str, body: bytes) -> Any:
 
 
 def _careful_decode(text: str, body: bytes) -> Any:
+    """
+    `_json_decode`'s answer (``body`` is the undecoded ``text``, unused).
+    """
     return _json_decode(text)
 
 
 # On CPython the hooks cost less than the extra scan of the body.
 _decode_text = _pypy_decode if sys.implementation.name == "pypy" else _careful_decode
+
 # No check for circular references (a map of the containers seen, kept on
 # every call): a circular answer recurses until ``RecursionError``, which
 # the endpoint answers as it does every value it cannot encode.
