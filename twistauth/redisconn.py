@@ -570,14 +570,6 @@ def _error_kind(failure: Failure, factory: Any) -> Optional[str]:
     return "unavailable"
 
 
-def _report_error(function: Any, failure: Failure) -> None:
-    """
-    Tell the error listener of ``function``'s connection (if any) that a
-    call failed.
-    """
-    _report_failure(getattr(function, "_twistauth_factory", None), failure)
-
-
 def _report_failure(factory: Any, failure: Failure) -> None:
     """
     Tell the error listener of ``factory``'s connection (if any) that a
@@ -587,11 +579,8 @@ def _report_failure(factory: Any, failure: Failure) -> None:
     if listener is None:
         return
     kind = _error_kind(failure, factory)
-    if kind is not None:
-        _tell(listener, kind)
-
-
-def _tell(listener: Callable[[str], None], kind: str) -> None:
+    if kind is None:
+        return
     try:
         listener(kind)
     except Exception:
@@ -734,29 +723,30 @@ def call(
     d = defer.maybeDeferred(function, *args)
     d.addTimeout(timeout, clock)
 
-    def translate(failure: Failure) -> Failure:
-        _report_error(function, failure)
-        replacement = _outage_error(failure, timeout, what, unavailable)
-        if replacement is not None:
-            raise replacement
-        return failure
-
-    d.addErrback(translate)
+    factory = getattr(function, "_twistauth_factory", None)
+    d.addErrback(_failed_call, factory, timeout, what, unavailable)
     return d
 
 
-def _outage_error(
-    failure: Failure, timeout: float, what: str, unavailable: Type[BackendUnavailableError]
-) -> Optional[BackendUnavailableError]:
+def _failed_call(
+    failure: Failure,
+    factory: Any,
+    timeout: float,
+    what: str,
+    unavailable: Type[BackendUnavailableError],
+) -> Failure:
     """
-    The error a failed call fails with instead of ``failure`` (a deadline
-    missed, Redis unavailable), or ``None`` when ``failure`` passes through.
+    What a failed `call` or `run_script` fails with: ``unavailable`` for a
+    missed deadline (`defer.TimeoutError`) or an unavailable Redis, else
+    ``failure`` itself; the failure is reported to ``factory``'s error
+    listener first.
     """
+    _report_failure(factory, failure)
     if failure.check(defer.TimeoutError):
-        return unavailable(f"{what} did not answer within {timeout:g} s; retry later")
+        return Failure(unavailable(f"{what} did not answer within {timeout:g} s; retry later"))
     if is_unavailable(failure):
-        return unavailable(f"{what} is unavailable; retry later")
-    return None
+        return Failure(unavailable(f"{what} is unavailable; retry later"))
+    return failure
 
 
 # -- scripts -----------------------------------------------------------------
@@ -917,9 +907,7 @@ class _ScriptCall:
                 reply.addCallbacks(self.answered, self.failed)
                 return
         self._deadlines.over()
-        _report_failure(self._factory, failure)
-        replacement = _outage_error(failure, self._timeout, self._what, self._unavailable)
-        result.errback(failure if replacement is None else replacement)
+        result.errback(self._translated(failure))
 
     def expire(self) -> None:
         """
@@ -929,14 +917,10 @@ class _ScriptCall:
         if self.result.called:
             return  # cancelled meanwhile
         self._deadlines.over()
-        listener = vars(self._factory).get("error_listener")
-        if listener is not None:
-            _tell(listener, "timeout")
-        self.result.errback(
-            self._unavailable(
-                f"{self._what} did not answer within {self._timeout:g} s; retry later"
-            )
-        )
+        self.result.errback(self._translated(Failure(defer.TimeoutError())))
+
+    def _translated(self, failure: Failure) -> Failure:
+        return _failed_call(failure, self._factory, self._timeout, self._what, self._unavailable)
 
     def _cancelled(self, result: defer.Deferred[Any]) -> None:
         # (the Deferred then fails with CancelledError; the reply, when it
@@ -1124,10 +1108,7 @@ def run_script(
             )
         reply = protocol.send_encoded(command)
     except Exception:
-        failure = Failure()
-        _report_failure(factory, failure)
-        replacement = _outage_error(failure, timeout, what, unavailable)
-        return defer.fail(failure if replacement is None else replacement)
+        return defer.fail(_failed_call(Failure(), factory, timeout, what, unavailable))
     keeper = deadlines.get(clock)
     if keeper is None:
         keeper = deadlines[clock] = _Deadlines(clock)
