@@ -495,7 +495,7 @@ class PurposeKeysTests(SynchronousTestCase):
         self.assertEqual(set(keys.openers), {key_id(K1), key_id(K2)})
         for key, stale in ((K2, False), (K1, True)):
             cipher, aad, is_stale = keys.openers[key_id(key)]
-            self.assertIs(cipher, keyring.cipher(key_id(key)))
+            self.assertIs(cipher, keyring._ciphers[key_id(key)])
             self.assertEqual(
                 aad, b"twistauth seal\x00" + PURPOSE.encode() + b"\x00\x01" + key_id(key)
             )

@@ -104,13 +104,6 @@ class MemoryRevocations:
         return succeed(None)
 
     def is_revoked(self, session: Session) -> Deferred[bool]:
-        return succeed(self.revoked(session))
-
-    def revoked(self, session: Session) -> bool:
-        """
-        What `is_revoked` answers, as a plain value (this store needs no
-        I/O).
-        """
         self._purge()
         user = self._users.get(session.user_id) if session.user_id is not None else None
         provider = (
@@ -118,7 +111,9 @@ class MemoryRevocations:
             and session.provider_sid is not None
             and (session.issuer, session.provider_sid) in self._providers
         )
-        return _revoked(session, session.id in self._sessions, user[0] if user else None, provider)
+        return succeed(
+            _revoked(session, session.id in self._sessions, user[0] if user else None, provider)
+        )
 
 
 # KEYS[1] the user's not-before record. ARGV: the time, the TTL in ms.

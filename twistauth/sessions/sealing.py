@@ -272,12 +272,6 @@ class Keyring:
             self._ciphers[ident] = AESGCM(key)
         self.sealing_id = key_id(self.keys[0])
 
-    def cipher(self, ident: bytes) -> Optional[AESGCM]:
-        """
-        The cipher of the key with this id, or ``None``.
-        """
-        return self._ciphers.get(ident)
-
     def for_purpose(self, purpose: str) -> PurposeKeys:
         """
         The keys bound to ``purpose``, made on first use and kept: each
@@ -412,10 +406,9 @@ class Sealer:
         reason (see `unseal`); never raises for bad input.
         """
         try:
-            payload, iat, exp, stale = self._open(token, purpose, now)
+            return self.unseal(token, purpose=purpose, now=now)
         except BadSeal:
             return None
-        return Opened(payload=payload, issued_at=iat, expires_at=exp, stale_key=stale)
 
     def open_payload(self, token: str, *, purpose: str, now: float) -> Optional[Tuple[Any, bool]]:
         """
