@@ -29,7 +29,7 @@ from twistauth.caching import (
     cached,
     make_method_cache,
 )
-from twistauth.caching.redis import _LOOKUP_SCRIPTS, STATUS_MAX
+from twistauth.caching.redis import _LOOKUP_SCRIPT, STATUS_MAX
 from twistauth.methods.registry import MethodRegistry
 from twistauth.testing._client import MethodClient
 
@@ -304,8 +304,8 @@ async def test_lookups_survive_script_flush_and_any_key_count(
     """
     Lookups run by ``EVALSHA`` (`redisconn.run_script`): after ``SCRIPT
     FLUSH`` the script is loaded again and the answers do not change, for
-    shared and per-user entries; a lookup of more generations than the
-    cache's methods use goes through a plain ``EVAL`` and answers alike.
+    shared and per-user entries, and for a lookup of more generations than
+    the cache's methods use (`redisconn.Script.for_keys`).
     """
     conn = connect(redis_server)
     connections.append(conn)
@@ -315,7 +315,7 @@ async def test_lookups_survive_script_flush_and_any_key_count(
         assert value is None and key.endswith(":s")
         await backend.store(key, "v1", 60)
         assert await backend.lookup(generations, "s") == (key, "v1")
-        sha = _LOOKUP_SCRIPTS[0].sha
+        sha = _LOOKUP_SCRIPT.sha
         assert await conn.execute_command("SCRIPT", "EXISTS", sha) == [1]
         await conn.execute_command("SCRIPT", "FLUSH")
         assert await conn.execute_command("SCRIPT", "EXISTS", sha) == [0]

@@ -352,6 +352,19 @@ class ScriptTests(SynchronousTestCase):
         )
         self.assertEqual(redisconn.Script("return 1", keys=0).command([], []).count(b"$"), 3)
 
+    def test_for_keys(self) -> None:
+        """
+        One `Script` per number of keys, made once, with the same hash.
+        """
+        script = redisconn.Script("return #KEYS", keys=1)
+        self.assertIs(script.for_keys(1), script)
+        three = script.for_keys(3)
+        self.assertIs(script.for_keys(3), three)
+        self.assertEqual((three.keys, three.sha, three.source), (3, script.sha, script.source))
+        self.assertIn(b"\r\n$1\r\n3\r\n", three.command(["a", "b", "c"], []))
+        with self.assertRaises(ValueError):
+            three.command(["a"], [])
+
     def test_refused(self) -> None:
         script = redisconn.Script("return 1", keys=1)
         with self.assertRaises(ValueError):

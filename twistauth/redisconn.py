@@ -781,6 +781,7 @@ class Script:
     sha: str = attr.ib(init=False)
     _evalsha: bytes = attr.ib(init=False)
     _eval: bytes = attr.ib(init=False)
+    _variants: Dict[int, Script] = attr.ib(init=False, factory=dict)
 
     @sha.default
     def _hash(self) -> str:
@@ -796,6 +797,18 @@ class Script:
 
     def __repr__(self) -> str:
         return f"<Script {self.sha[:12]} keys={self.keys}>"
+
+    def for_keys(self, keys: int) -> Script:
+        """
+        This script taking ``keys`` keys (for a caller whose number of keys
+        varies: it is part of the ``EVALSHA`` prefix), made once per number.
+        """
+        if keys == self.keys:
+            return self
+        found = self._variants.get(keys)
+        if found is None:
+            found = self._variants[keys] = Script(self.source, keys)
+        return found
 
     def command(self, keys: Sequence[Any], args: Sequence[Any]) -> bytes:
         """

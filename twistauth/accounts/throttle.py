@@ -188,11 +188,11 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 return 1
 """
 
-# (module-level: each script's EVALSHA prefix is encoded once: see
-# `twistauth.redisconn.run_script`).  A script's number of keys is part of
-# it: one for an address alone, two with an account, by ``len(keys) - 1``.
-_ATTEMPT_SCRIPTS = (redisconn.Script(_ATTEMPT, keys=1), redisconn.Script(_ATTEMPT, keys=2))
-_SUCCEEDED_SCRIPTS = (redisconn.Script(_SUCCEEDED, keys=1), redisconn.Script(_SUCCEEDED, keys=2))
+# (module-level: each script's EVALSHA prefix is encoded once per number of
+# keys, one for an address alone, two with an account: see
+# `twistauth.redisconn.Script.for_keys`).
+_ATTEMPT_SCRIPT = redisconn.Script(_ATTEMPT)
+_SUCCEEDED_SCRIPT = redisconn.Script(_SUCCEEDED)
 
 
 @implementer(ILoginThrottle)
@@ -246,14 +246,14 @@ class RedisLoginThrottle:
                 raise LoginThrottledError(retry_after=float(wait))
             return Attempt(account, where, member, now)
 
-        return self._call.eval(_ATTEMPT_SCRIPTS[len(keys) - 1], keys, args).addCallback(answered)
+        return self._call.eval(_ATTEMPT_SCRIPT.for_keys(len(keys)), keys, args).addCallback(answered)
 
     def succeeded(self, attempt: Attempt) -> Any:
         keys = [self._address(attempt.address)]
         if attempt.account is not None:
             keys.append(self._account(attempt.account))
         return self._call.eval(
-            _SUCCEEDED_SCRIPTS[len(keys) - 1], keys, [attempt.member]
+            _SUCCEEDED_SCRIPT.for_keys(len(keys)), keys, [attempt.member]
         ).addCallback(lambda _: None)
 
 

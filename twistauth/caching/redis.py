@@ -68,12 +68,10 @@ return redis.status_reply('OK')
 """
 
 
-# The lookup once per number of generation keys (a script's key count is
-# part of its EVALSHA command; see `redisconn.run_script`): a method's
-# namespace, and its per-user generation when it has one.  (A bump, off
-# the hot path and of any number of keys, is a plain EVAL, as a lookup of
-# more keys would be.)
-_LOOKUP_SCRIPTS = (redisconn.Script(_LOOKUP, keys=1), redisconn.Script(_LOOKUP, keys=2))
+# (module-level: each script's EVALSHA prefix is encoded once per number of
+# generation keys: see `redisconn.Script.for_keys`).
+_LOOKUP_SCRIPT = redisconn.Script(_LOOKUP)
+_BUMP_SCRIPT = redisconn.Script(_BUMP)
 
 
 def _check_prefix(instance: Any, attribute: Any, value: Any) -> None:
@@ -138,10 +136,7 @@ class RedisCacheBackend:
             str(self.generation_ttl),
             str(STATUS_MAX),
         ]
-        if 0 < len(keys) <= len(_LOOKUP_SCRIPTS):
-            d = self._run(_LOOKUP_SCRIPTS[len(keys) - 1], keys, args)
-        else:  # (no method of the cache asks for more)
-            d = self._call("eval", _LOOKUP, keys, args)
+        d = self._run(_LOOKUP_SCRIPT.for_keys(len(keys)), keys, args)
         d.addCallback(self._parse)
         return d
 
@@ -162,10 +157,10 @@ class RedisCacheBackend:
         return d
 
     def bump(self, generation_keys: Sequence[str]) -> Deferred[None]:
-        d = self._call(
-            "eval",
-            _BUMP,
-            [self.prefix + g for g in generation_keys],
+        keys = [self.prefix + g for g in generation_keys]
+        d = self._run(
+            _BUMP_SCRIPT.for_keys(len(keys)),
+            keys,
             [secrets.token_hex(8) + "-", str(self.generation_ttl)],
         )
         d.addCallback(lambda _: None)
