@@ -294,6 +294,18 @@ def instructions(name: str, count: int) -> float:
     return (collected(warm + count) - collected(warm)) / count
 
 
+def _print_table(column: str, form: str, costs: Dict[str, float]) -> None:
+    """
+    One row per server: its cost per request, and the ratio of its
+    counterpart's cost to its own when the counterpart was measured too.
+    """
+    print(f"{'server':<26} {column:>21} {'vs counterpart':>15}")
+    for name, cost in costs.items():
+        other = COUNTERPARTS.get(name)
+        ratio = f"{costs[other] / cost:.2f}x {other}" if other in costs else ""
+        print(f"{name:<26} {form.format(cost):>21} {ratio:>15}")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--servers", default=",".join(SERVERS))
@@ -313,11 +325,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     names = options.servers.split(",")
     if options.instructions:
         counted = {name: instructions(name, options.instructions) for name in names}
-        print(f"{'server':<26} {'instructions/request':>21} {'vs counterpart':>15}")
-        for name in names:
-            other = COUNTERPARTS.get(name)
-            ratio = f"{counted[other] / counted[name]:.2f}x {other}" if other in counted else ""
-            print(f"{name:<26} {counted[name]:>21,.0f} {ratio:>15}")
+        _print_table("instructions/request", "{:,.0f}", counted)
         return
     built = {name: SERVERS[name]() for name in names}
     best: Dict[str, float] = {name: float("inf") for name in names}
@@ -325,13 +333,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         for name in names:  # round-robin, so drift hits every server alike
             site, headers = built[name]
             best[name] = min(best[name], measure(site, headers, options.count))
-    print(f"{'server':<26} {'CPU µs/request':>15} {'vs counterpart':>15}")
-    for name in names:
-        other = COUNTERPARTS.get(name)
-        ratio = (
-            f"{best[other] / best[name]:.2f}x {other}" if other in best else ""
-        )
-        print(f"{name:<26} {best[name]:>15.1f} {ratio:>15}")
+    _print_table("CPU µs/request", "{:.1f}", best)
     if options.profile:
         for name in names:
             site, headers = built[name]
