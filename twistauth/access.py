@@ -825,10 +825,12 @@ class AccessControl:
         app's user store (``handler.services.users``), if any.
     :ivar recheck_interval: seconds between two checks of a logged-in
         session's account (0: every call; ``None``: never).
+
+    ``initial``, ``lifted``, ``role_grants`` and ``lift_on_login`` are
+    read-only once made (compiled ACLs are cached from them): make a new
+    `AccessControl` for another policy.
     """
 
-    # The policy is read-only once made: compiled ACLs are cached from it,
-    # so a change would go unseen by sessions whose ACL is already cached.
     initial: Tuple[str, ...] = attr.ib(
         default=DEFAULT_INITIAL_ACL, converter=check_acl_patterns, on_setattr=attr.setters.frozen
     )
